@@ -1,0 +1,49 @@
+# cirlab: `make help` lists the targets. Everything runs inside .venv (created on first use).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision: the releases this machine's pip finds locally (x86_64, Python 3.11); on
+# other machines pip resolves the ranges of pyproject.toml instead. Override with TORCH_SPEC=.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_FLAGS ?=
+ARGS ?=
+# `make train experiment=cresmd_paper trainer=gpu`: command-line variables other than the
+# Makefile's own are passed to Hydra as overrides.
+OVERRIDES := $(filter-out ARGS=% PYTEST_FLAGS=% TORCH_SPEC=% PYTHON=% VENV=%,$(MAKEOVERRIDES))
+
+.PHONY: help install test test-fast train eval data bench-data lint clean
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install $(TORCH_SPEC) || $(BIN)/pip install torch torchvision
+	$(BIN)/pip install -e ".[test,sweep]"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)  ## create .venv and install cirlab with its test extras
+
+test: $(STAMP)  ## the whole suite (slow tests included)
+	$(BIN)/python -m pytest $(PYTEST_FLAGS)
+
+test-fast: $(STAMP)  ## the suite without tests marked slow (< 5 minutes)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+train: $(STAMP)  ## train the embedded default (offline, CPU, ~10 min); Hydra overrides as arguments
+	$(BIN)/cirlab-train $(OVERRIDES) $(ARGS)
+
+eval: $(STAMP)  ## score a checkpoint: make eval ckpt_path=... (data=cbsd68 by default)
+	$(BIN)/cirlab-eval $(OVERRIDES) $(ARGS)
+
+data: $(STAMP)  ## download DIV2K and CBSD68 into data/ (needs internet; resumes, verifies checksums)
+	$(BIN)/cirlab-data --root data $(ARGS)
+
+bench-data: $(STAMP)  ## training-pipeline throughput (pairs/s) on CPU and GPU; appends to docs/results.md
+	$(BIN)/cirlab-bench data $(ARGS)
+
+clean:  ## remove caches and run directories (not .venv)
+	rm -rf logs .cache .pytest_cache
+

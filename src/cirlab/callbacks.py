@@ -1,0 +1,122 @@
+"""Lightning callbacks of the suite (pictures people look at rather than read)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+TYPE_NAMES = ("blur", "noise", "jpeg")
+
+
+def task_grid(levels_in: torch.Tensor, fractions: list[float]) -> tuple[torch.Tensor, list[str]]:
+    """Task vectors for a modulation picture: rows = all types / blur / noise / JPEG only.
+
+    ``levels_in`` (3,) task-space input levels; row ``all`` uses ``f * levels_in``, row ``blur``
+    uses ``(f * l_blur, 0, 0)`` (remove a fraction of the blur, keep the rest), and so on.
+    Returns ``(tasks (4 * F, 3), row names)``.
+    """
+    rows, names = [], ["all", *TYPE_NAMES]
+    for row in range(4):
+        mask = torch.ones(3) if row == 0 else torch.nn.functional.one_hot(torch.tensor(row - 1), 3).float()
+        for fraction in fractions:
+            rows.append(levels_in * mask * fraction)
+    return torch.stack(rows), names
+
+
+def save_figure_atomically(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class TaskGridPicture(L.Callback):
+    """After each validation, restore one held-out image at several task vectors and save a grid.
+
+    The first column is the degraded input (physical levels ``input_levels`` = [r, sigma, q],
+    q = 0 for no JPEG), then one column per fraction of the full task vector. Saved as
+    ``dirpath/step{N}.png`` and ``dirpath/latest.png``; sent to W&B when a WandbLogger is attached.
+    """
+
+    def __init__(self, dirpath: str, input_levels=(2.0, 30.0, 30), fractions=(0.0, 0.25, 0.5, 0.75, 1.0),
+                 crop: int = 192, seed: int = 0) -> None:
+        self.dirpath = Path(dirpath)
+        self.input_levels = [float(v) for v in input_levels]
+        self.fractions = [float(f) for f in fractions]
+        self.crop = crop
+        self.seed = seed
+        self.last_path: Path | None = None
+
+    def render(self, pl_module: L.LightningModule, clean: torch.Tensor, title: str) -> "object":
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from cirlab.data.degradations import degrade, physical_to_task
+
+        h, w = clean.shape[-2:]
+        size_h, size_w = min(self.crop, h) // 2 * 2, min(self.crop, w) // 2 * 2
+        top, left = (h - size_h) // 2, (w - size_w) // 2
+        clean = clean[..., top : top + size_h, left : left + size_w].to(pl_module.device)
+        levels_in = physical_to_task(torch.tensor([self.input_levels]))[0]
+        generator = torch.Generator(device=clean.device).manual_seed(self.seed)
+        degraded = degrade(clean, levels_in[None].to(clean.device), generator=generator)
+        tasks, row_names = task_grid(levels_in, self.fractions)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            outputs = torch.cat([pl_module(degraded, task[None].to(clean.device)) for task in tasks]).clamp(0, 1).cpu()
+        pl_module.train(was_training)
+
+        columns = len(self.fractions) + 1
+        figure, axes = plt.subplots(4, columns, figsize=(2.2 * columns, 2.2 * 4 + 0.4), squeeze=False)
+        for row, name in enumerate(row_names):
+            axes[row, 0].imshow(degraded[0].permute(1, 2, 0).cpu().numpy())
+            axes[row, 0].set_title("input" if row == 0 else "", fontsize=8)
+            axes[row, 0].set_ylabel(f"restore {name}", fontsize=9)
+            for col, fraction in enumerate(self.fractions):
+                task = tasks[row * len(self.fractions) + col]
+                axes[row, col + 1].imshow(outputs[row * len(self.fractions) + col].permute(1, 2, 0).numpy())
+                axes[row, col + 1].set_title("t=(" + ", ".join(f"{v:.2f}" for v in task.tolist()) + ")", fontsize=7)
+        for axis in axes.flat:
+            axis.set_xticks([])
+            axis.set_yticks([])
+        r, sigma, q = self.input_levels
+        figure.suptitle(f"{title}: input r={r:g}, sigma={sigma:g}, q={'none' if q == 0 else int(q)}", fontsize=10)
+        return figure
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
+        datamodule = getattr(trainer, "datamodule", None)
+        clean = datamodule.example_inputs(1) if datamodule is not None and hasattr(datamodule, "example_inputs") else None
+        if clean is None:
+            return None
+        import matplotlib.pyplot as plt
+
+        figure = self.render(pl_module, clean, f"step {trainer.global_step}")
+        path = self.dirpath / f"{name}.png"
+        save_figure_atomically(figure, path)
+        save_figure_atomically(figure, self.dirpath / "latest.png")
+        plt.close(figure)
+        self.last_path = path
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="val/task_grid", images=[str(path)], step=trainer.global_step)
+        return path
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.fast_dev_run:
+            return
+        self.write(trainer, pl_module, f"step{trainer.global_step:07d}")

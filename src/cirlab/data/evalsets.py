@@ -1,0 +1,182 @@
+"""Deterministic validation and test sets, generated once from clean images and cached on disk.
+
+An evaluation set is every clean image of a folder degraded at every point of a level grid
+(default: CResMD's 27-point grid, METHOD.md section 1). The target is the clean image and the
+task vector is the full input level (absolute ground truth), as in the papers' tables.
+
+Generation is deterministic: image ``i`` uses a generator seeded with ``(seed, i)``, so two runs
+(or two machines) score the same inputs. The result is cached as one file whose name carries a
+fingerprint of the source files and of every setting, so a second run reuses it and any change
+regenerates it. Files are written atomically: no half-written cache is ever read.
+
+Images of odd size are cropped (bottom/right) to even size, as the networks need (METHOD.md
+section 6); an optional centre crop keeps validation cheap during training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+FORMAT_VERSION = 1
+
+# Task-space axes of CResMD's 27-point test grid: r in {0, 1, 4}, sigma in {0, 15, 50},
+# JPEG in {none, q=80, q=10}.
+CRESMD27_AXES = ((0.0, 0.25, 1.0), (0.0, 0.3, 1.0), (0.0, 22 / 92, 1.0))
+
+
+def level_grid(name: str | list) -> torch.Tensor:
+    """Task-space levels (G, 3) of a named grid, or of an explicit list of [t_blur, t_noise, t_jpeg].
+
+    Names: ``cresmd27`` (27 points, blur-major order) and ``single`` (the 7 points of cresmd27
+    with at most one active type: clean, then each type at its two non-zero levels).
+    """
+    if isinstance(name, str):
+        if name == "cresmd27":
+            return torch.tensor(list(itertools.product(*CRESMD27_AXES)), dtype=torch.float32)
+        if name == "single":
+            points = [(0.0, 0.0, 0.0)]
+            for axis, values in enumerate(CRESMD27_AXES):
+                for value in values[1:]:
+                    point = [0.0, 0.0, 0.0]
+                    point[axis] = value
+                    points.append(tuple(point))
+            return torch.tensor(points, dtype=torch.float32)
+        raise ValueError(f"data grid {name!r} is unknown; use 'cresmd27', 'single' or a list of [t_blur, t_noise, t_jpeg]")
+    levels = torch.tensor([list(map(float, point)) for point in name], dtype=torch.float32)
+    if levels.ndim != 2 or levels.shape[1] != 3:
+        raise ValueError(f"data grid must be a list of [t_blur, t_noise, t_jpeg] triples, got shape {tuple(levels.shape)}")
+    if (levels < 0).any() or (levels > 1).any():
+        raise ValueError("data grid levels must lie in [0, 1] (task space)")
+    return levels
+
+
+def grid_labels(levels: torch.Tensor) -> list[str]:
+    """Readable physical names of grid points, e.g. ``r1.0_s15_q80`` (``qnone`` = no JPEG)."""
+    from cirlab.data.degradations import task_to_physical
+
+    labels = []
+    for r, sigma, q in task_to_physical(levels).tolist():
+        jpeg = "none" if q == 0 else f"{int(round(q))}"
+        labels.append(f"r{r:.1f}_s{int(round(sigma))}_q{jpeg}")
+    return labels
+
+
+@dataclass
+class EvalSetSpec:
+    """What an evaluation set is made of; every field enters the cache fingerprint."""
+
+    folder: str
+    grid: str | list = "cresmd27"
+    max_images: int | None = None
+    crop: int | None = None
+    seed: int = 0
+    on_bad: str = "error"
+    config_key: str = "data.val_dir"
+    extra: dict = field(default_factory=dict)
+
+
+def _center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    if h < size or w < size:
+        return image
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[..., top : top + size, left : left + size]
+
+
+def _fingerprint(spec: EvalSetSpec, paths: list[Path], levels: torch.Tensor) -> str:
+    digest = hashlib.sha1()
+    meta = {
+        "version": FORMAT_VERSION,
+        "grid": levels.tolist(),
+        "max_images": spec.max_images,
+        "crop": spec.crop,
+        "seed": spec.seed,
+        "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in paths],
+    }
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bool = True) -> dict:
+    """Generate (or load from ``cache_dir``) the evaluation set described by ``spec``.
+
+    Returns a dict with ``names`` (list of str), ``clean`` (list of uint8 (3, H, W)),
+    ``inputs`` (list of uint8 (G, 3, H, W), one per image) and ``levels`` ((G, 3) task space).
+    """
+    from cirlab.data.degradations import degrade
+    from cirlab.data.images import crop_to_multiple, load_image, scan_folder
+
+    levels = level_grid(spec.grid)
+    paths = scan_folder(spec.folder, on_bad=spec.on_bad, config_key=spec.config_key)
+    if spec.max_images is not None:
+        paths = paths[: spec.max_images]
+    key = _fingerprint(spec, paths, levels)
+    grid_name = spec.grid if isinstance(spec.grid, str) else f"custom{len(levels)}"
+    cache_file = Path(cache_dir) / f"{Path(spec.folder).name}-{grid_name}-{key}.pt" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        return torch.load(cache_file, weights_only=True)
+
+    from tqdm.auto import tqdm
+
+    clean_images, inputs = [], []
+    for index, path in enumerate(tqdm(paths, desc=f"generating {Path(spec.folder).name} x {len(levels)} levels", disable=not progress)):
+        image = crop_to_multiple(load_image(path), 2)
+        if spec.crop:
+            image = _center_crop(image, spec.crop)
+        clean = image.float().div(255).unsqueeze(0).expand(len(levels), -1, -1, -1).contiguous()
+        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
+        degraded = degrade(clean, levels, generator=generator)
+        clean_images.append(image)
+        inputs.append(degraded.mul(255).round().to(torch.uint8))
+    data = {"names": [p.name for p in paths], "clean": clean_images, "inputs": inputs, "levels": levels}
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=cache_file.parent)
+        os.close(fd)
+        try:
+            torch.save(data, tmp)
+            os.replace(tmp, cache_file)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return data
+
+
+class EvalSetDataset(Dataset):
+    """One item per clean image: all its grid points at once.
+
+    Item: ``input`` (G, 3, H, W) float in [0, 1], ``target`` (G, 3, H, W) (the clean image),
+    ``task`` (G, 3), ``grid_index`` (G,) long, ``image_index`` (G,) long. Use it with
+    ``batch_size=None``; a rank of a distributed run gets whole images, so no sample is
+    duplicated or dropped.
+    """
+
+    def __init__(self, data: dict) -> None:
+        self.names = data["names"]
+        self.clean = data["clean"]
+        self.inputs = data["inputs"]
+        self.levels = data["levels"]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        count = len(self.levels)
+        inputs = self.inputs[index].float().div(255)
+        target = self.clean[index].float().div(255).unsqueeze(0).expand_as(inputs)
+        return {
+            "input": inputs,
+            "target": target,
+            "task": self.levels.clone(),
+            "grid_index": torch.arange(count),
+            "image_index": torch.full((count,), index, dtype=torch.long),
+        }

@@ -1,0 +1,157 @@
+"""Shared LightningModule machinery for task-vector-conditioned restoration networks.
+
+A subclass supplies the network; this base owns the L1 loss, the optimiser and schedule built
+from config, and the evaluation protocol:
+
+* validation: per-image PSNR/SSIM (torchmetrics convention, float outputs clamped to [0, 1])
+  per grid point, logged as ``val/psnr`` and ``val/ssim`` (mean over all images and points);
+* test: the paper convention (uint8 rounding, RGB) per grid point, logged as ``test/psnr``,
+  ``test/ssim`` and optionally ``test/niqe``, ``test/brisque``; ``per_task_table()`` returns
+  the per-grid-point numbers for the result tables.
+
+Networks, optimisers and schedulers are given as Hydra-style dicts (``_target_``, with
+``_partial_`` for optimisers) and stored as plain hyper-parameters, so checkpoints load with
+``weights_only=True`` and never contain pickled objects (nor pyiqa's networks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cirlab.metrics.grouped import GroupedMean
+
+
+def _plain(config: Any) -> Any:
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return config
+
+
+class RestorationModule(L.LightningModule):
+    """Base class: see the module docstring. ``net`` is a config dict with ``_target_``."""
+
+    def __init__(
+        self,
+        net: dict,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        scheduler_interval: str = "step",
+        test_iqa: bool = False,
+        iqa_weights_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        net, optimizer, scheduler = _plain(net), _plain(optimizer), _plain(scheduler)
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"model.scheduler_interval={scheduler_interval!r} must be 'step' or 'epoch'")
+        self.save_hyperparameters({
+            "net": net, "optimizer": optimizer, "scheduler": scheduler, "scheduler_interval": scheduler_interval,
+            "test_iqa": test_iqa, "iqa_weights_dir": iqa_weights_dir,
+        })
+        self.net = instantiate(net)
+        self._make_grid_metrics(27, 27)
+        self.test_iqa = test_iqa
+        if test_iqa:
+            from cirlab.metrics import BRISQUE, NIQE
+
+            self.test_niqe = NIQE(weights_dir=iqa_weights_dir)
+            self.test_brisque = BRISQUE(weights_dir=iqa_weights_dir)
+
+    # ------------------------------------------------------------------------- network
+    def forward(self, image: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, H, W) in [0, 1], task (B, 3) in [0, 1] -> (B, 3, H, W), not clamped."""
+        return self.net(image, task)
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.net.parameters())
+        trainable = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+        return {"model/params_total": total, "model/params_trainable": trainable}
+
+    # ------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        output = self(batch["input"], batch["task"])
+        loss = F.l1_loss(output, batch["target"])
+        self.log("train/l1", loss, prog_bar=True, batch_size=batch["input"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.hparams.optimizer)(params=self.net.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
+
+    # ------------------------------------------------------------------------- evaluation
+    def _restore_eval(self, batch: dict) -> torch.Tensor:
+        return self(batch["input"], batch["task"]).clamp(0, 1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        from cirlab.metrics import psnr_per_image, ssim_per_image
+
+        output = self._restore_eval(batch)
+        self.val_psnr.update(psnr_per_image(output, batch["target"]), batch["grid_index"])
+        self.val_ssim.update(ssim_per_image(output, batch["target"]), batch["grid_index"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.val_psnr.compute().nanmean().float(), prog_bar=True, sync_dist=False)
+        self.log("val/ssim", self.val_ssim.compute().nanmean().float(), sync_dist=False)
+        self.val_psnr.reset()
+        self.val_ssim.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        from cirlab.metrics import paper_psnr, paper_ssim
+
+        output = self._restore_eval(batch)
+        self.test_psnr.update(paper_psnr(output, batch["target"]), batch["grid_index"])
+        self.test_ssim.update(paper_ssim(output, batch["target"]), batch["grid_index"])
+        if self.test_iqa:
+            self.test_niqe.update(output)
+            self.test_brisque.update(output)
+
+    def _make_grid_metrics(self, val_points: int, test_points: int) -> None:
+        self.val_psnr = GroupedMean(val_points)
+        self.val_ssim = GroupedMean(val_points)
+        self.test_psnr = GroupedMean(test_points)
+        self.test_ssim = GroupedMean(test_points)
+
+    def setup(self, stage: str) -> None:
+        """Size the per-grid-point metrics from the DataModule's evaluation grids."""
+        from cirlab.data.evalsets import grid_labels, level_grid
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        val_grid = getattr(datamodule, "val_spec", ("cresmd27",))[0]
+        test_grid = getattr(datamodule, "test_spec", ("cresmd27",))[0]
+        val_levels, test_levels = level_grid(val_grid), level_grid(test_grid)
+        self._make_grid_metrics(len(val_levels), len(test_levels))
+        self.grid_labels = grid_labels(test_levels)
+
+    def on_test_epoch_end(self) -> None:
+        self._last_test_table = {"psnr": self.test_psnr.compute().cpu(), "ssim": self.test_ssim.compute().cpu()}
+        self.log("test/psnr", self._last_test_table["psnr"].nanmean().float())
+        self.log("test/ssim", self._last_test_table["ssim"].nanmean().float())
+        labels = getattr(self, "grid_labels", None) or [f"point{i}" for i in range(len(self._last_test_table["psnr"]))]
+        for name, values in self._last_test_table.items():
+            for label, value in zip(labels, values.tolist()):
+                self.log(f"test_grid/{name}/{label}", float(value))
+        if self.test_iqa:
+            self.log("test/niqe", self.test_niqe.compute().float())
+            self.log("test/brisque", self.test_brisque.compute().float())
+            self.test_niqe.reset()
+            self.test_brisque.reset()
+        self.test_psnr.reset()
+        self.test_ssim.reset()
+
+    def per_task_table(self) -> dict[str, torch.Tensor]:
+        """Per-grid-point means ``{"psnr": (G,), "ssim": (G,)}`` of the last test run."""
+        table = getattr(self, "_last_test_table", None)
+        if table is None:
+            raise RuntimeError("per_task_table() needs a finished trainer.test() run")
+        return table
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cirlab_module"] = f"{type(self).__module__}.{type(self).__qualname__}"

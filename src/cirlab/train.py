@@ -1,0 +1,98 @@
+"""``cirlab-train``: fit a model on the configured data, then test its best checkpoint.
+
+Steps, in order:
+  1. compose and validate the config (typos and out-of-range values fail here);
+  2. seed everything; build the DataModule, the model, callbacks, loggers and the Trainer;
+  3. log the composed config and the parameter counts;
+  4. fit (optionally resuming from ``ckpt_path``, ``last`` = newest last.ckpt of this task);
+  5. test the best checkpoint and write per-task and average tables;
+  6. write ``metrics.json`` and return ``optimized_metric`` for sweepers;
+  7. always end the W&B run, so each job of a multirun gets its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from cirlab.config import CONFIG_DIR, register_configs, validate_config
+from cirlab.utils.run import (
+    instantiate_callbacks,
+    instantiate_loggers,
+    metrics_to_floats,
+    resolve_ckpt_path,
+    write_json_atomically,
+)
+from cirlab.utils.wandb import finish_wandb
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job described by ``cfg``; return its final metrics."""
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    log.info("data: %s", cfg.data._target_)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    log.info("model: %s", cfg.model._target_)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
+    for logger in loggers:
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **counts})
+    log.info("parameters: %s", counts)
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(metrics_to_floats(trainer.callback_metrics))
+
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("no best checkpoint was saved: testing the current weights")
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update(metrics_to_floats(trainer.callback_metrics))
+        if trainer.is_global_zero:
+            from cirlab.evaluation import write_grid_tables
+
+            tables = write_grid_tables(metrics, Path(cfg.paths.output_dir), stage="test")
+            log.info("test tables: %s", ", ".join(str(p) for p in tables))
+
+    if trainer.is_global_zero:
+        metrics.update({k: float(v) for k, v in counts.items()})
+        write_json_atomically(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+        picture = getattr(next((c for c in callbacks if hasattr(c, "last_path")), None), "last_path", None)
+        log.info("run directory: %s", cfg.paths.output_dir)
+        if picture:
+            log.info("outputs at several task vectors: %s", picture)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    finally:
+        finish_wandb()
+    name = cfg.get("optimized_metric")
+    if name and name in metrics:
+        return metrics[name]
+    if name:
+        log.warning("optimized_metric %r was not produced by this run", name)
+    return None
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Utilities for entry points (W&B, run bookkeeping)."""

@@ -1,0 +1,79 @@
+"""Small pieces every entry point uses: building callbacks/loggers, resume paths, safe writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(group: DictConfig | None, kind: str) -> list:
+    objects = []
+    if not group:
+        return objects
+    if not isinstance(group, Mapping) and not isinstance(group, DictConfig):
+        raise ValueError(f"{kind} config must be a mapping of named entries with _target_")
+    for name, entry in group.items():
+        if entry is None:  # disabled from the command line, e.g. callbacks.task_grid_picture=null
+            continue
+        if "_target_" not in entry:
+            raise ValueError(f"{kind}.{name} has no _target_")
+        objects.append(hydra.utils.instantiate(entry))
+    return objects
+
+
+def instantiate_callbacks(group: DictConfig | None) -> list:
+    return _instantiate_group(group, "callbacks")
+
+
+def instantiate_loggers(group: DictConfig | None) -> list:
+    return _instantiate_group(group, "logger")
+
+
+def metrics_to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
+    """``None`` -> start fresh; ``last`` -> newest ``last.ckpt`` of this task's runs; else a file."""
+    if not ckpt_path:
+        return None
+    if ckpt_path != "last":
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
+        return str(ckpt_path)
+    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return str(own)
+    task_dir = Path(cfg.paths.log_dir) / cfg.task_name
+    candidates = sorted(task_dir.glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"ckpt_path=last: no last.ckpt under {task_dir} (or {own.parent})")
+    log.info("resuming from %s", candidates[-1])
+    return str(candidates[-1])
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    write_text_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

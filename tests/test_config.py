@@ -1,0 +1,84 @@
+"""The config tree composes, and bad values fail at composition with the key in the message."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from cirlab.config import validate_config
+from conftest import CONFIG_DIR, compose
+
+
+
+def resolve_all(cfg):
+    """Resolve every interpolation of the job's config (Hydra's own node has run-time values)."""
+    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            for key in cfg if key != "hydra"}
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+GROUP_OPTIONS = [
+    (group, p.stem)
+    for group in ("data", "degradation", "sampling", "model", "trainer", "logger", "callbacks", "debug", "hparams_search")
+    for p in sorted((CONFIG_DIR / group).glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(experiment):
+    cfg = compose("train", [f"experiment={experiment}"])
+    validate_config(cfg)
+    resolve_all(cfg)
+    assert cfg.model._target_.startswith("cirlab.")
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_group_option_composes(group, option):
+    cfg = compose("train", [f"{group}={option}"])
+    validate_config(cfg)
+    resolve_all(cfg)
+
+
+def test_eval_config_requires_ckpt_path():
+    cfg = compose("eval", [])
+    with pytest.raises(ValueError, match="ckpt_path"):
+        validate_config(cfg)
+
+
+def test_paper_recipe_matches_method_md():
+    cfg = compose("train", ["experiment=cresmd_paper"])
+    assert (cfg.model.net.nf, cfg.model.net.nb, cfg.model.net.cond_dim) == (64, 32, 3)
+    assert cfg.model.optimizer.lr == 5e-4 and list(cfg.model.optimizer.betas) == [0.9, 0.99]
+    assert list(cfg.model.scheduler.milestones) == [200000, 400000, 600000, 800000]
+    assert cfg.model.scheduler.gamma == 0.5 and cfg.trainer.max_steps == 1_000_000
+    assert (cfg.data.batch_size, cfg.data.patch_size) == (16, 64)
+    assert cfg.sampling.ground_truth == "absolute" and cfg.sampling.distribution == "beta"
+    assert Path(cfg.data.train_dir).parts[-2:] == ("DIV2K", "DIV2K_train_HR")
+
+
+def test_misspelt_typed_key_fails_at_composition():
+    with pytest.raises(Exception, match="blur_radus"):
+        compose("train", ["degradation.blur_radus=3"])
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises(Exception, match="p_binary"):
+        compose("train", ["sampling.p_binary=often"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("sampling.p_binary=1.5", "p_binary"),
+        ("sampling.p_multiple=-0.1", "p_multiple"),
+        ("degradation.noise_sigma_max=80", "noise_sigma_max"),
+        ("degradation.blur_radius_max=5", "blur_radius_max"),
+        ("degradation.jpeg_quality_min=5", "jpeg_quality_min"),
+        ("sampling.ground_truth=sideways", "ground_truth"),
+        ("sampling.distribution=normal", "distribution"),
+    ],
+)
+def test_out_of_range_values_fail_before_anything_is_built(override, key):
+    cfg = compose("train", [override])
+    with pytest.raises(ValueError, match=key):
+        validate_config(cfg)
