@@ -66,12 +66,16 @@ def compose(config_name: str, overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
+    from omegaconf import open_dict
+
     from cirlab.config import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        with open_dict(cfg):  # what a real run sets: the run directory becomes the output directory
+            cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
         HydraConfig.instance().set_config(cfg)
     return cfg
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cirlab.config import CONFIG_DIR, register_configs, validate_config
 from cirlab.utils.run import (
     instantiate_callbacks,
     instantiate_loggers,
+    job_config,
     metrics_to_floats,
     resolve_ckpt_path,
     write_json_atomically,
@@ -43,11 +44,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
+    if not loggers:  # logger=none: callbacks that only feed a logger have nothing to do
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
     for logger in loggers:
-        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **counts})
+        logger.log_hyperparams({"config": job_config(cfg), **counts})
     log.info("parameters: %s", counts)
 
     metrics: dict[str, float] = {}

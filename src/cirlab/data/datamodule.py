@@ -108,6 +108,7 @@ class SteppedBatchSampler(Sampler[list[int]]):
     def __init__(self, batch_size: int, batches_per_epoch: int, rank: int, world_size: int, start_batch,
                  repeat: int | None = None) -> None:
         self.repeat = repeat
+        self.resume_from: int | None = None
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.rank = rank
@@ -118,13 +119,34 @@ class SteppedBatchSampler(Sampler[list[int]]):
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        start = int(self.start_batch())
+        start = int(self.start_batch()) if self.resume_from is None else self.resume_from
+        self.resume_from = None
         end = (start // self.batches_per_epoch + 1) * self.batches_per_epoch
         for batch in range(start, end):
             if self.repeat:
                 batch %= self.repeat
             first = (batch * self.world_size + self.rank) * self.batch_size
             yield list(range(first, first + self.batch_size))
+
+
+class SteppedDataLoader(DataLoader):
+    """A DataLoader whose position is part of the checkpoint (Lightning's ``_Stateful`` protocol).
+
+    The position is the number of global batches already trained; on resume the batch sampler
+    restarts there, so the run sees exactly the batches it would have seen without stopping.
+    """
+
+    def __init__(self, *args, position=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position  # callable: batches fetched by the training loop so far
+
+    def state_dict(self) -> dict:
+        # Checkpoints are written inside on_train_batch_end, after the batch was processed but
+        # before it counts as completed: the processed count is the next batch to train.
+        return {"next_batch": int(self.position())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.resume_from = int(state["next_batch"])
 
 
 class ShardSampler(Sampler[int]):
@@ -276,6 +298,12 @@ class RestorationDataModule(L.LightningDataModule):
             return 0
         return trainer.fit_loop.epoch_loop.batch_progress.total.completed
 
+    def _processed_batches(self) -> int:
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
     def train_dataloader(self) -> DataLoader:
         if self.train_images is None:
             raise RuntimeError("data.train_dir is not set: cannot train without a folder of clean images")
@@ -283,8 +311,8 @@ class RestorationDataModule(L.LightningDataModule):
         dataset = CropDataset(self.train_images, self.patch_size, self.seed)
         batch_sampler = SteppedBatchSampler(self.batch_size, self.batches_per_epoch, rank, world, self._completed_batches,
                                             repeat=self.overfit_batches)
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=False)
+        return SteppedDataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=False, position=self._processed_batches)
 
     def _eval_loader(self, dataset: EvalSetDataset | None, stage: str) -> DataLoader:
         if dataset is None:

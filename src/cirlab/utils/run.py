@@ -39,6 +39,14 @@ def instantiate_loggers(group: DictConfig | None) -> list:
     return _instantiate_group(group, "logger")
 
 
+def job_config(cfg: DictConfig) -> dict:
+    """The job's resolved config as plain data (without Hydra's own node, if present)."""
+    from omegaconf import OmegaConf
+
+    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            for key in cfg.keys() if key != "hydra"}
+
+
 def metrics_to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
