@@ -1,0 +1,492 @@
+"""Training-pair sampling with relative ground truth (TASNet eq. 11) or absolute ground truth.
+
+A training pair is two degraded versions of one clean crop: the *input* at task-space levels
+``l_in`` and the *target* at ``l_gt <= l_in`` (per type); the task vector is
+``t = l_in - l_gt`` (METHOD.md section 1). Absolute ground truth (CResMD) is ``l_gt = 0``.
+
+Sampling rule of :class:`PairSampler` (per pair, all draws from the caller's generator)
+-----------------------------------------------------------------------------------------
+1. *Active types.* With probability ``p_multiple`` (only when at least two types are enabled)
+   the pair has several active types, their number uniform in ``{2, ..., n_enabled}``;
+   otherwise exactly one. The active types are a uniformly random subset of that size of the
+   enabled types. With the three types enabled, CResMD's mix (one, two or three types with
+   probability 1/3 each) is ``p_multiple = 2/3``. Inactive and disabled types are 0 in both
+   ``l_in`` and ``l_gt``.
+2. *Granularity.* With probability ``p_binary`` the pair is binary: every level drawn below is
+   ``0`` or the type's top level, each with probability 1/2. Otherwise it is continuous: levels
+   come from ``distribution`` on the type's grid.
+3. *Levels.* For each active type two levels ``a, b`` are drawn independently.
+   ``relative``: ``l_in = max(a, b)``, ``l_gt = min(a, b)``. ``absolute``: ``l_in = a``,
+   ``l_gt = 0``. (An active type can thus have ``l_in = l_gt``, including 0: the network also
+   sees "keep this type as it is".)
+
+Grids (physical units, converted to task space by :mod:`cirlab.data.degradations`)
+    blur ``r in {0, s_b, 2 s_b, ...} <= blur_radius_max``; noise
+    ``sigma in {0, s_n, 2 s_n, ...} <= noise_sigma_max``; JPEG ``none`` plus
+    ``q in {100, 100 - s_q, 100 - 2 s_q, ...} >= jpeg_quality_min`` (with the defaults
+    ``t_jpeg`` is a multiple of 2/92, 0 = none). The *top level* of a type is its grid's largest
+    task level (equal to the configured maximum when the stride divides it).
+
+Distributions on a grid
+    ``uniform``: every grid point (0 included) equally likely. ``beta`` (CResMD): ``u ~
+    Beta(beta_a, beta_b)`` (default Beta(0.5, 1), which favours small levels), scaled to the
+    top level and snapped to the nearest grid point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cirlab.data.degradations import (
+    BLUR_RADIUS_MAX,
+    DEGRADATION_TYPES,
+    JPEG_QUALITY_MAX,
+    JPEG_QUALITY_MIN,
+    JPEG_TASK_OFFSET,
+    JPEG_TASK_SCALE,
+    NOISE_SIGMA_MAX,
+    degrade,
+    task_to_physical,
+)
+
+__all__ = [
+    "DegradationConfig",
+    "PairSampler",
+    "SamplingConfig",
+    "make_pairs",
+    "sample_beta",
+]
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_in(
+    prefix: str, name: str, value: object, lo: float, hi: float, lo_open: bool = False
+) -> None:
+    ok = (
+        _is_number(value)
+        and math.isfinite(float(value))
+        and (
+            (float(value) > lo if lo_open else float(value) >= lo)
+            and float(value) <= hi
+        )
+    )
+    if not ok:
+        left = "(" if lo_open else "["
+        raise ValueError(f"{prefix}.{name}={value!r} must be in {left}{lo}, {hi}]")
+
+
+def _check_int(prefix: str, name: str, value: object) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ValueError(f"{prefix}.{name}={value!r} must be an integer")  # noqa: TRY004
+
+
+@dataclass
+class DegradationConfig:
+    """Which degradations are used and how strong they may get (physical units).
+
+    Attributes:
+        types: enabled types, a subset of ``["blur", "noise", "jpeg"]``; disabled types are
+            always level 0.
+        blur_radius_max: largest blur radius (Gaussian sigma, pixels), in (0, 4].
+        noise_sigma_max: largest noise sigma (0..255 scale), in (0, 50].
+        jpeg_quality_min: lowest JPEG quality (strongest compression), integer in [10, 100].
+    """
+
+    types: list[str] = field(default_factory=lambda: ["blur", "noise", "jpeg"])
+    blur_radius_max: float = BLUR_RADIUS_MAX
+    noise_sigma_max: float = NOISE_SIGMA_MAX
+    jpeg_quality_min: int = JPEG_QUALITY_MIN
+
+    def __post_init__(self) -> None:
+        p = "degradation"
+        types = list(self.types)
+        if not types:
+            raise ValueError(
+                f"{p}.types={types!r} must enable at least one of {list(DEGRADATION_TYPES)}"
+            )
+        for t in types:
+            if t not in DEGRADATION_TYPES:
+                raise ValueError(
+                    f"{p}.types contains {t!r}; allowed: {list(DEGRADATION_TYPES)}"
+                )
+        if len(set(types)) != len(types):
+            raise ValueError(f"{p}.types={types!r} lists a type twice")
+        _check_in(
+            p,
+            "blur_radius_max",
+            self.blur_radius_max,
+            0.0,
+            BLUR_RADIUS_MAX,
+            lo_open=True,
+        )
+        _check_in(
+            p,
+            "noise_sigma_max",
+            self.noise_sigma_max,
+            0.0,
+            NOISE_SIGMA_MAX,
+            lo_open=True,
+        )
+        _check_int(p, "jpeg_quality_min", self.jpeg_quality_min)
+        _check_in(
+            p,
+            "jpeg_quality_min",
+            self.jpeg_quality_min,
+            JPEG_QUALITY_MIN,
+            JPEG_QUALITY_MAX,
+        )
+
+    @property
+    def enabled(self) -> tuple[bool, bool, bool]:
+        """Per type (blur, noise, jpeg): whether it is enabled."""
+        return tuple(t in self.types for t in DEGRADATION_TYPES)  # type: ignore[return-value]
+
+    @property
+    def max_levels(self) -> tuple[float, float, float]:
+        """Task-space maxima (blur, noise, jpeg) of the configured ranges (0 for disabled types)."""
+        m = (
+            self.blur_radius_max / BLUR_RADIUS_MAX,
+            self.noise_sigma_max / NOISE_SIGMA_MAX,
+            (JPEG_TASK_OFFSET - self.jpeg_quality_min) / JPEG_TASK_SCALE,
+        )
+        return tuple(v if on else 0.0 for v, on in zip(m, self.enabled))  # type: ignore[return-value]
+
+
+@dataclass
+class SamplingConfig:
+    """How input/target level pairs are drawn (see the module docstring for the rule).
+
+    Attributes:
+        ground_truth: ``"relative"`` (TASNet, ``l_gt <= l_in``) or ``"absolute"`` (``l_gt = 0``).
+        p_multiple: probability that a pair has more than one active type (then 2..n_enabled,
+            uniform); CResMD's 1/3-1/3-1/3 mix of 1, 2, 3 types is ``p_multiple = 2/3``.
+        p_binary: probability that a pair's levels are binary ({0, top level}) rather than
+            continuous.
+        distribution: ``"uniform"`` on the grid or ``"beta"`` (Beta(beta_a, beta_b) snapped to
+            the grid, CResMD).
+        beta_a, beta_b: Beta parameters (> 0); CResMD uses (0.5, 1).
+        blur_stride: blur grid stride in pixels (METHOD.md: 0.1).
+        noise_stride: noise grid stride on the 0..255 scale (METHOD.md: 1).
+        jpeg_stride: JPEG quality grid stride (METHOD.md: 2): q = 100, 100 - s, ... plus none.
+    """
+
+    ground_truth: str = "relative"
+    p_multiple: float = 0.5
+    p_binary: float = 0.5
+    distribution: str = "uniform"
+    beta_a: float = 0.5
+    beta_b: float = 1.0
+    blur_stride: float = 0.1
+    noise_stride: float = 1.0
+    jpeg_stride: int = 2
+
+    def __post_init__(self) -> None:
+        p = "sampling"
+        if self.ground_truth not in ("relative", "absolute"):
+            raise ValueError(
+                f"{p}.ground_truth={self.ground_truth!r} must be 'relative' or 'absolute'"
+            )
+        _check_in(p, "p_multiple", self.p_multiple, 0.0, 1.0)
+        _check_in(p, "p_binary", self.p_binary, 0.0, 1.0)
+        if self.distribution not in ("uniform", "beta"):
+            raise ValueError(
+                f"{p}.distribution={self.distribution!r} must be 'uniform' or 'beta'"
+            )
+        _check_in(p, "beta_a", self.beta_a, 0.0, 1e6, lo_open=True)
+        _check_in(p, "beta_b", self.beta_b, 0.0, 1e6, lo_open=True)
+        _check_in(
+            p, "blur_stride", self.blur_stride, 0.0, BLUR_RADIUS_MAX, lo_open=True
+        )
+        _check_in(
+            p, "noise_stride", self.noise_stride, 0.0, NOISE_SIGMA_MAX, lo_open=True
+        )
+        _check_int(p, "jpeg_stride", self.jpeg_stride)
+        _check_in(
+            p, "jpeg_stride", self.jpeg_stride, 1, JPEG_QUALITY_MAX - JPEG_QUALITY_MIN
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Random variates from a torch.Generator
+# --------------------------------------------------------------------------------------------
+
+
+def _sample_gamma(
+    shape_param: float, n: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """``n`` Gamma(shape_param, 1) variates (float64) by Marsaglia-Tsang, vectorised rejection."""
+    boost = shape_param < 1.0
+    alpha = shape_param + 1.0 if boost else shape_param
+    d = alpha - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(n, dtype=torch.float64, device=device)
+    pending = torch.arange(n, device=device)
+    while pending.numel() > 0:
+        m = pending.numel()
+        x = torch.randn(m, generator=generator, device=device, dtype=torch.float64)
+        u = torch.rand(m, generator=generator, device=device, dtype=torch.float64)
+        v = (1.0 + c * x) ** 3
+        ok = (v > 0) & (
+            torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300))
+        )
+        out[pending[ok]] = (d * v)[ok]
+        pending = pending[~ok]
+    if boost:
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        out = out * u.pow(1.0 / shape_param)
+    return out
+
+
+def sample_beta(
+    a: float,
+    b: float,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Beta(a, b) variates (float64) of the given shape using only ``generator``.
+
+    Exact inverse-CDF sampling when ``a == 1`` or ``b == 1`` (CResMD's Beta(0.5, 1) is
+    ``U ** (1 / 0.5)``); otherwise ``X / (X + Y)`` with Gamma variates.
+    """
+    device = (
+        torch.device(device)
+        if device is not None
+        else (generator.device if generator is not None else torch.device("cpu"))
+    )
+    n = math.prod(shape)
+    if b == 1.0:
+        return torch.rand(
+            shape, generator=generator, device=device, dtype=torch.float64
+        ).pow(1.0 / a)
+    if a == 1.0:
+        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+        return 1.0 - u.pow(1.0 / b)
+    x = _sample_gamma(a, n, generator, device)
+    y = _sample_gamma(b, n, generator, device)
+    return (x / (x + y).clamp_min(1e-300)).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler
+# --------------------------------------------------------------------------------------------
+
+
+def _grids(
+    degradation: DegradationConfig, sampling: SamplingConfig
+) -> list[list[float]]:
+    """Task-space grid levels per type (ascending, starting with 0); ``[0]`` for disabled types."""
+    eps = 1e-9
+    n_b = math.floor(degradation.blur_radius_max / sampling.blur_stride + eps)
+    n_n = math.floor(degradation.noise_sigma_max / sampling.noise_stride + eps)
+    blur = [k * sampling.blur_stride / BLUR_RADIUS_MAX for k in range(n_b + 1)]
+    noise = [k * sampling.noise_stride / NOISE_SIGMA_MAX for k in range(n_n + 1)]
+    qs = range(
+        JPEG_QUALITY_MAX, degradation.jpeg_quality_min - 1, -sampling.jpeg_stride
+    )
+    jpeg = [0.0] + [(JPEG_TASK_OFFSET - q) / JPEG_TASK_SCALE for q in qs]
+    grids = [blur, noise, jpeg]
+    return [g if on else [0.0] for g, on in zip(grids, degradation.enabled)]
+
+
+class PairSampler:
+    """Draws ``(levels_in, levels_gt)`` task-space level pairs; see the module docstring.
+
+    Args:
+        degradation: enabled types and their ranges.
+        sampling: ground-truth mode, probabilities, distribution and grid strides.
+
+    Attributes:
+        grids: per type (blur, noise, jpeg) the ascending task-space grid (first entry 0).
+        top_levels: ``(3,)`` largest grid level per type (0 for disabled types).
+    """
+
+    def __init__(
+        self,
+        degradation: DegradationConfig | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> None:
+        self.degradation = (
+            degradation if degradation is not None else DegradationConfig()
+        )
+        self.sampling = sampling if sampling is not None else SamplingConfig()
+        self.grids = _grids(self.degradation, self.sampling)
+        self.top_levels = tuple(g[-1] for g in self.grids)
+        self.enabled = tuple(
+            on and len(g) > 1 for on, g in zip(self.degradation.enabled, self.grids)
+        )
+        sizes = [len(g) for g in self.grids]
+        width = max(sizes)
+        padded = torch.full((3, width), math.inf, dtype=torch.float64)
+        for i, g in enumerate(self.grids):
+            padded[i, : len(g)] = torch.tensor(g, dtype=torch.float64)
+        self._grid = padded  # (3, width), +inf padding
+        self._sizes = torch.tensor(sizes, dtype=torch.float64)
+        self._cache: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"PairSampler(degradation={self.degradation!r}, sampling={self.sampling!r})"
+        )
+
+    def _tensors(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if device not in self._cache:
+            self._cache[device] = (
+                self._grid.to(device),
+                self._sizes.to(device),
+                torch.tensor(self.top_levels, dtype=torch.float64, device=device),
+                torch.tensor(self.enabled, dtype=torch.bool, device=device),
+            )
+        return self._cache[device]
+
+    def _draw_continuous(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> Tensor:
+        """Grid levels ``shape + (3,)`` (float64) from the configured distribution."""
+        grid, sizes, top, _ = self._tensors(device)
+        if self.sampling.distribution == "uniform":
+            u = torch.rand(
+                *shape, 3, generator=generator, device=device, dtype=torch.float64
+            )
+            idx = torch.minimum((u * sizes).floor(), sizes - 1).long()
+        else:
+            v = (
+                sample_beta(
+                    self.sampling.beta_a,
+                    self.sampling.beta_b,
+                    (*shape, 3),
+                    generator,
+                    device,
+                )
+                * top
+            )
+            idx = (
+                (v.unsqueeze(-1) - grid).abs().argmin(dim=-1)
+            )  # nearest grid point (inf padding)
+        flat = idx.reshape(-1, 3)
+        vals = torch.gather(grid, 1, flat.T.contiguous()).T  # (N, 3)
+        return vals.reshape(*shape, 3)
+
+    def sample_levels(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``batch_size`` pairs of task-space levels.
+
+        Args:
+            batch_size: number of pairs B (>= 1).
+            generator: ``torch.Generator`` on ``device`` (``None``: torch's default RNG).
+            device: where to draw; defaults to the generator's device, else CPU.
+
+        Returns:
+            ``(levels_in, levels_gt)``, each ``(B, 3)`` float32 in [0, 1] with columns
+            (blur, noise, jpeg), on the grids, ``levels_gt <= levels_in`` element-wise
+            (``levels_gt == 0`` in absolute mode).
+        """
+        if (
+            not isinstance(batch_size, int)
+            or isinstance(batch_size, bool)
+            or batch_size < 1
+        ):
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        if device is None:
+            device = generator.device if generator is not None else torch.device("cpu")
+        device = torch.device(device)
+        b = batch_size
+        _, _, top, enabled = self._tensors(device)
+        n_enabled = int(sum(self.enabled))
+        f64 = torch.float64
+
+        # 1. active types: a uniformly random subset of the enabled types of size k.
+        u = torch.rand(b, 3, generator=generator, device=device, dtype=f64)
+        if n_enabled >= 2:
+            multiple = u[:, 0] < self.sampling.p_multiple
+            k = torch.where(
+                multiple,
+                2 + (u[:, 1] * (n_enabled - 1)).floor().clamp_max(n_enabled - 2),
+                1.0,
+            )
+        else:
+            k = torch.ones(b, dtype=f64, device=device)
+        binary = u[:, 2] < self.sampling.p_binary
+        scores = torch.rand(b, 3, generator=generator, device=device, dtype=f64)
+        scores = torch.where(enabled, scores, 2.0)  # disabled types rank last
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        active = (ranks < k.unsqueeze(1)) & enabled
+
+        # 2./3. two independent draws per type, binary or from the distribution.
+        cont = self._draw_continuous((b, 2), generator, device)  # (B, 2, 3)
+        bits = torch.rand(b, 2, 3, generator=generator, device=device, dtype=f64) < 0.5
+        draws = torch.where(binary.view(b, 1, 1), bits.to(f64) * top, cont)
+        if self.sampling.ground_truth == "relative":
+            l_in, l_gt = draws.max(dim=1).values, draws.min(dim=1).values
+        else:
+            l_in, l_gt = draws[:, 0], torch.zeros_like(draws[:, 0])
+        zero = torch.zeros((), dtype=f64, device=device)
+        l_in = torch.where(active, l_in, zero).float()
+        l_gt = torch.where(active, l_gt, zero).float()
+        return l_in, l_gt
+
+
+def make_pairs(
+    clean: Tensor, sampler: PairSampler, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Degrade a batch of clean crops into (input, target) training pairs.
+
+    Both images start from the same clean crop (each blurred from it at its own radius) and
+    share ONE standard-normal noise field, scaled by each image's own sigma (METHOD.md
+    section 1 choice), so removing part of the noise is a well-posed mapping. Input and target
+    are produced by one :func:`~cirlab.data.degradations.degrade` call on 2B images.
+
+    Args:
+        clean: ``(B, 3, H, W)`` floating tensor in [0, 1], any device.
+        sampler: the :class:`PairSampler`.
+        generator: ``torch.Generator`` on ``clean``'s device; levels are drawn first, then the
+            noise field. Same generator state => identical output.
+
+    Returns:
+        dict with ``input``, ``target`` ``(B, 3, H, W)`` (clean's dtype/device, values k/255);
+        ``levels_in``, ``levels_gt``, ``task = levels_in - levels_gt`` ``(B, 3)`` float32 task
+        space; ``physical_in``, ``physical_gt`` ``(B, 3)`` as ``(r, sigma, q)`` with q = 0 for
+        no JPEG (see :func:`~cirlab.data.degradations.task_to_physical`).
+    """
+    if not isinstance(clean, Tensor):
+        raise TypeError(f"clean must be a torch.Tensor, got {type(clean).__name__}")
+    if clean.ndim != 4:
+        raise ValueError(
+            f"clean must have shape (B, 3, H, W), got {tuple(clean.shape)}"
+        )
+    b = clean.shape[0]
+    levels_in, levels_gt = sampler.sample_levels(
+        b, generator=generator, device=clean.device
+    )
+    levels = torch.cat((levels_in, levels_gt))
+    noise = None
+    if bool((levels[:, 1] > 0).any()):
+        field_ = torch.randn(
+            clean.shape, generator=generator, device=clean.device, dtype=clean.dtype
+        )
+        noise = torch.cat((field_, field_))
+    out = degrade(torch.cat((clean, clean)), levels, noise_field=noise)
+    phys = task_to_physical(levels)
+    return {
+        "input": out[:b],
+        "target": out[b:],
+        "task": levels_in - levels_gt,
+        "levels_in": levels_in,
+        "levels_gt": levels_gt,
+        "physical_in": phys[:b],
+        "physical_gt": phys[b:],
+    }

@@ -1,0 +1,356 @@
+"""Tests for cirlab.data.degradations (blur, noise + uint8 rounding, JPEG, task encoding)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cirlab.data import degradations as D
+from cirlab.data.degradations import (
+    NO_JPEG,
+    degrade,
+    gaussian_blur,
+    gaussian_kernel1d,
+    jpeg_roundtrip,
+    physical_to_task,
+    physical_to_task_scalar,
+    task_to_physical,
+    task_to_physical_scalar,
+    validate_physical,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _np_gaussian_2d(r: float, size: int = 21) -> np.ndarray:
+    """Independent construction: 2-D Gaussian on the size x size window, normalised to sum 1."""
+    h = size // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1].astype(np.float64)
+    k = np.exp(-(xx**2 + yy**2) / (2.0 * r * r))
+    return k / k.sum()
+
+
+def _np_blur_replicate(img: np.ndarray, r: float) -> np.ndarray:
+    """Direct (non-separable) 2-D correlation of (C, H, W) with edge-replicated padding."""
+    k = _np_gaussian_2d(r)
+    h = k.shape[0] // 2
+    pad = np.pad(img, ((0, 0), (h, h), (h, h)), mode="edge")
+    out = np.zeros_like(img, dtype=np.float64)
+    H, W = img.shape[1:]
+    for dy in range(k.shape[0]):
+        for dx in range(k.shape[1]):
+            out += k[dy, dx] * pad[:, dy : dy + H, dx : dx + W]
+    return out
+
+
+def _natural_crops(
+    n: int, size: int = 64, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """n crops of scikit-image's astronaut (uint8-exact floats in [0, 1])."""
+    from skimage import data
+
+    # (3, 512, 512) uint8
+    img = torch.from_numpy(np.ascontiguousarray(data.astronaut())).permute(2, 0, 1)
+    crops = [
+        img[:, 100 + 37 * i : 100 + 37 * i + size, 150 + 23 * i : 150 + 23 * i + size]
+        for i in range(n)
+    ]
+    return torch.stack(crops).to(dtype) / 255.0
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.double() - b.double()) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+# ------------------------------------------------------------------------------------ blur
+
+
+@pytest.mark.parametrize("backend", ["matmul", "kornia"])
+def test_blur_of_impulse_is_the_normalised_gaussian(backend: str) -> None:
+    radii = [0.5, 1.0, 2.3, 4.0]
+    n = 41
+    img = torch.zeros(len(radii), 3, n, n, dtype=torch.float64)
+    img[:, :, n // 2, n // 2] = 1.0
+    out = gaussian_blur(img, torch.tensor(radii, dtype=torch.float64), backend=backend)
+    for i, r in enumerate(radii):
+        expected = np.zeros((n, n))
+        expected[n // 2 - 10 : n // 2 + 11, n // 2 - 10 : n // 2 + 11] = (
+            _np_gaussian_2d(r)
+        )
+        for c in range(3):
+            np.testing.assert_allclose(out[i, c].numpy(), expected, atol=1e-12, rtol=0)
+        assert out[i].sum().item() == pytest.approx(3.0, abs=1e-9)
+
+
+def test_kernel1d_outer_product_matches_2d_gaussian() -> None:
+    for r in (0.3, 1.7, 4.0):
+        k = gaussian_kernel1d(torch.tensor([r], dtype=torch.float64))[0].numpy()
+        assert k.shape == (D.KERNEL_SIZE,)
+        np.testing.assert_allclose(np.outer(k, k), _np_gaussian_2d(r), atol=1e-15)
+    delta = gaussian_kernel1d(torch.tensor([0.0]))[0]
+    assert delta[10] == 1 and delta.sum() == 1
+
+
+def test_blur_zero_radius_is_identity_and_mixed_batch() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 32, 40, generator=g)
+    assert gaussian_blur(x, torch.zeros(3)) is x  # nothing to do: no work at all
+    y = gaussian_blur(x, torch.tensor([0.0, 1.5, 0.0]))
+    assert torch.equal(y[0], x[0]) and torch.equal(y[2], x[2])
+    assert not torch.allclose(y[1], x[1])
+
+
+@pytest.mark.parametrize("backend", ["matmul", "kornia"])
+def test_blur_replicate_border_matches_numpy(backend: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    # non-square, smaller than 2x the kernel
+    x = torch.rand(2, 3, 24, 30, generator=g, dtype=torch.float64)
+    radii = [0.8, 3.3]
+    y = gaussian_blur(x, torch.tensor(radii, dtype=torch.float64), backend=backend)
+    for i, r in enumerate(radii):
+        np.testing.assert_allclose(
+            y[i].numpy(), _np_blur_replicate(x[i].numpy(), r), atol=1e-10
+        )
+    const = torch.full((1, 3, 16, 16), 0.37, dtype=torch.float64)
+    torch.testing.assert_close(
+        gaussian_blur(const, torch.tensor([4.0]), backend=backend), const
+    )
+
+
+def test_blur_backends_agree_float32() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(5, 3, 48, 64, generator=g)
+    r = torch.tensor([0.1, 0.7, 0.0, 2.0, 4.0])
+    a = gaussian_blur(x, r, backend="matmul")
+    b = gaussian_blur(x, r, backend="kornia")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- noise
+
+
+def test_noise_has_requested_std() -> None:
+    clean = torch.full((2, 3, 256, 256), 0.5)
+    levels = torch.tensor([[0.0, 10 / 50, 0.0], [0.0, 30 / 50, 0.0]])
+    out = degrade(clean, levels, generator=torch.Generator().manual_seed(0))
+    for i, sigma in enumerate((10.0, 30.0)):
+        resid = (out[i] - 0.5) * 255.0
+        # uint8 rounding adds variance 1/12; clipping is negligible at 0.5 +- 4 sigma
+        expected = math.sqrt(sigma**2 + 1 / 12)
+        assert resid.std().item() == pytest.approx(expected, rel=0.02)
+        assert abs(resid.mean().item()) < 0.2
+
+
+def test_output_is_uint8_levels_in_unit_range_same_device_dtype() -> None:
+    g = torch.Generator().manual_seed(4)
+    clean = _natural_crops(4, 32, torch.float64)
+    levels = torch.tensor(
+        [[1.0, 1.0, 1.0], [0.3, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]
+    )
+    out = degrade(clean, levels, generator=g)
+    assert (
+        out.dtype == torch.float64
+        and out.shape == clean.shape
+        and out.device == clean.device
+    )
+    assert out.min() >= 0 and out.max() <= 1
+    k = out * 255
+    torch.testing.assert_close(k, k.round(), atol=1e-9, rtol=0)
+    # all-zero levels: identity on uint8-exact input
+    assert torch.equal(out[3], clean[3])
+
+
+def test_same_seed_same_output_different_seed_differs() -> None:
+    clean = _natural_crops(3, 32)
+    levels = torch.tensor([[0.25, 0.3, 22 / 92], [0.0, 1.0, 0.0], [0.5, 0.2, 1.0]])
+    a = degrade(clean, levels, generator=torch.Generator().manual_seed(7))
+    b = degrade(clean, levels, generator=torch.Generator().manual_seed(7))
+    c = degrade(clean, levels, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_noise_field_argument_is_used() -> None:
+    clean = torch.full((2, 3, 16, 16), 0.5)
+    field = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    levels = torch.tensor([[0.0, 0.4, 0.0], [0.0, 0.4, 0.0]])
+    out = degrade(clean, levels, noise_field=field)
+    expected = torch.clamp(torch.round((0.5 + 20 / 255 * field) * 255), 0, 255) / 255
+    torch.testing.assert_close(out, expected, atol=1e-7, rtol=0)
+    same = degrade(clean, levels, noise_field=torch.cat([field[:1], field[:1]]))
+    assert torch.equal(same[0], same[1])
+
+
+# ------------------------------------------------------------------------------------ JPEG
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_jpeg_matches_torchvision_per_sample_and_pillow() -> None:
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    clean = _natural_crops(4, 64)
+    qualities = [10, 50, NO_JPEG, 95]
+    t_jpeg = [0.0 if q == NO_JPEG else (102 - q) / 92 for q in qualities]
+    levels = torch.tensor([[0.0, 0.0, t] for t in t_jpeg])
+    out = degrade(clean, levels)
+    u8 = (clean * 255).round().to(torch.uint8)
+    for i, q in enumerate(qualities):
+        if q == NO_JPEG:
+            assert torch.equal(out[i], clean[i])
+            continue
+        ref = decode_jpeg(encode_jpeg(u8[i].contiguous(), quality=q)).float() / 255
+        assert torch.equal(out[i], ref), (
+            f"sample {i} (q={q}) differs from torchvision's codec"
+        )
+        assert not torch.equal(out[i], clean[i])
+    assert _psnr(out[0], clean[0]) < _psnr(out[3], clean[3])  # q=10 worse than q=95
+
+    pil = pytest.importorskip("PIL.Image")
+    for i, q in enumerate(qualities):
+        if q == NO_JPEG:
+            continue
+        buf = io.BytesIO()
+        pil.fromarray(u8[i].permute(1, 2, 0).numpy()).save(
+            buf, format="JPEG", quality=q
+        )
+        dec = torch.from_numpy(
+            np.array(pil.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        ).permute(2, 0, 1)
+        assert _psnr(out[i], dec.float() / 255) > 30.0, (
+            f"q={q}: torchvision and Pillow decodes disagree"
+        )
+
+
+def test_jpeg_roundtrip_direct_and_validation() -> None:
+    u8 = (_natural_crops(2, 32) * 255).round().to(torch.uint8)
+    same = jpeg_roundtrip(u8, torch.tensor([NO_JPEG, NO_JPEG]))
+    assert torch.equal(same, u8)
+    out = jpeg_roundtrip(u8, [30, 30])
+    assert (
+        out.dtype == torch.uint8 and out.shape == u8.shape and not torch.equal(out, u8)
+    )
+    with pytest.raises(ValueError, match="quality"):
+        jpeg_roundtrip(u8, [5, 30])
+    with pytest.raises(ValueError, match="uint8"):
+        jpeg_roundtrip(u8.float(), [30, 30])
+
+
+# ----------------------------------------------------------------------- task <-> physical
+
+
+def test_cresmd_27_point_grid() -> None:
+    tb, tn, tj = torch.meshgrid(
+        torch.tensor([0.0, 0.25, 1.0]),
+        torch.tensor([0.0, 0.3, 1.0]),
+        torch.tensor([0.0, 22 / 92, 1.0]),
+        indexing="ij",
+    )
+    levels = torch.stack([tb, tn, tj], dim=-1).reshape(27, 3)
+    phys = task_to_physical(levels)
+    assert set(phys[:, 0].tolist()) == {0.0, 1.0, 4.0}
+    assert sorted({round(v, 4) for v in phys[:, 1].tolist()}) == [0.0, 15.0, 50.0]
+    assert set(phys[:, 2].tolist()) == {float(NO_JPEG), 80.0, 10.0}
+    torch.testing.assert_close(physical_to_task(phys), levels, atol=1e-6, rtol=0)
+    assert task_to_physical_scalar(0.25, 0.3, 22 / 92) == pytest.approx((1.0, 15.0, 80))
+    assert physical_to_task_scalar(4.0, 50.0, None) == (1.0, 1.0, 0.0)
+
+
+def test_round_trips_on_the_grids() -> None:
+    r = torch.arange(0, 41, dtype=torch.float64) * 0.1
+    s = torch.arange(0, 51, dtype=torch.float64)
+    q = torch.tensor([float(NO_JPEG)] + list(range(100, 9, -2)), dtype=torch.float64)
+    n = max(len(r), len(s), len(q))
+    phys = torch.stack([r.repeat(2)[:n], s[:n], q.repeat(2)[:n]], dim=-1)
+    back = task_to_physical(physical_to_task(phys))
+    torch.testing.assert_close(back, phys, atol=1e-9, rtol=0)
+    # every integer quality 10..100 survives the round trip, and t is (102 - q) / 92
+    q_all = torch.arange(10, 101, dtype=torch.float32)
+    phys_q = torch.stack([torch.zeros(91), torch.zeros(91), q_all], dim=-1)
+    t = physical_to_task(phys_q)
+    torch.testing.assert_close(t[:, 2], (102 - q_all) / 92)
+    assert torch.equal(task_to_physical(t)[:, 2], q_all)
+    # task grid -> physical -> task
+    tj = torch.tensor([0.0] + [k * 2 / 92 for k in range(1, 47)], dtype=torch.float64)
+    lv = torch.stack(
+        [torch.zeros(47), torch.linspace(0, 1, 47, dtype=torch.float64), tj], dim=-1
+    )
+    torch.testing.assert_close(
+        physical_to_task(task_to_physical(lv)), lv, atol=1e-12, rtol=0
+    )
+
+
+def test_jpeg_task_to_quality_rule() -> None:
+    t = torch.tensor(
+        [0.0, 0.5 / 92, 0.99 / 92, 1.0 / 92, 1.4 / 92, 2 / 92, 3.4 / 92, 1.0],
+        dtype=torch.float64,
+    )
+    lv = torch.stack([torch.zeros_like(t), torch.zeros_like(t), t], dim=-1)
+    q = task_to_physical(lv)[:, 2].tolist()
+    assert q == [NO_JPEG, NO_JPEG, NO_JPEG, 100, 100, 100, 99, 10]
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def test_out_of_range_levels_raise_with_name_and_value() -> None:
+    clean = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"levels\[1, 1\] \(noise\)=1\.5"):
+        degrade(clean, torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.5, 0.0]]))
+    with pytest.raises(ValueError, match=r"\(blur\)=-0\.25"):
+        task_to_physical(torch.tensor([-0.25, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="nan"):
+        task_to_physical(torch.tensor([0.0, float("nan"), 0.0]))
+    with pytest.raises(ValueError, match=r"r \(blur radius\)=5\.0"):
+        physical_to_task(torch.tensor([5.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"sigma \(noise\)=60\.0"):
+        physical_to_task(torch.tensor([0.0, 60.0, 0.0]))
+    with pytest.raises(ValueError, match=r"q \(JPEG quality\)=5\.0"):
+        validate_physical(torch.tensor([[0.0, 0.0, 80.0], [0.0, 0.0, 5.0]]))
+    with pytest.raises(ValueError, match=r"q \(JPEG quality\)=50\.5"):
+        physical_to_task(torch.tensor([0.0, 0.0, 50.5]))
+    with pytest.raises(ValueError, match="radius"):
+        gaussian_blur(clean, torch.tensor([1.0, 4.5]))
+
+
+def test_bad_shapes_and_dtypes_raise() -> None:
+    clean = torch.rand(2, 3, 16, 16)
+    ok = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"clean must have shape \(B, 3, H, W\)"):
+        degrade(torch.rand(2, 1, 16, 16), ok)
+    with pytest.raises(ValueError, match=r"clean must have shape"):
+        degrade(torch.rand(3, 16, 16), ok)
+    with pytest.raises(ValueError, match="dtype torch.uint8"):
+        degrade((clean * 255).to(torch.uint8), ok)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        degrade(clean * 2, ok)
+    with pytest.raises(ValueError, match=r"levels must have shape \(2, 3\)"):
+        degrade(clean, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 3\)"):
+        degrade(clean, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="floating"):
+        degrade(clean, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="noise_field"):
+        degrade(
+            clean,
+            torch.tensor([[0.0, 0.5, 0.0]] * 2),
+            noise_field=torch.zeros(1, 3, 16, 16),
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_degrade_on_device(device: str) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    clean = _natural_crops(3, 32).to(device)
+    levels = torch.tensor(
+        [[0.25, 0.3, 22 / 92], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], device=device
+    )
+    out = degrade(clean, levels, generator=g)
+    assert out.device.type == device and out.shape == clean.shape
+    assert torch.equal(out[2], clean[2])
+    g2 = torch.Generator(device=device).manual_seed(0)
+    assert torch.equal(out, degrade(clean, levels, generator=g2))
