@@ -164,3 +164,14 @@ def test_grayscale_image_skipped_with_warning_when_configured(train_cfg, tmp_pat
     with caplog.at_level("WARNING"):
         train(train_cfg(f"data.train_dir={folder}", "data.on_bad=skip", "debug=fast_dev_run"))
     assert any("gray.png" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.slow
+def test_test_stage_reports_niqe_and_brisque_and_keeps_them_out_of_checkpoints(train_cfg, iqa_dir):
+    cfg = train_cfg("model.test_iqa=true", f"model.iqa_weights_dir={iqa_dir}", "data.test_crop=96",
+                    "data.test_grid=[[0,0,0],[0,1,0]]", "data.val_grid=[[0,0,0],[0,1,0]]")
+    metrics = train(cfg)
+    assert 0 < metrics["test/niqe"] < 100 and 0 <= metrics["test/brisque"] <= 150
+    assert metrics["test_grid/psnr/r0.0_s50_qnone"] < metrics["test_grid/psnr/r0.0_s0_qnone"]
+    state = read_state(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert all(key.startswith("net.") for key in state["state_dict"])

@@ -1,0 +1,132 @@
+"""``cirlab-bench``: measured figures, written with their command, date, machine and revision.
+
+    cirlab-bench data [--seconds 10] [--out docs/bench/data.json]
+
+``data`` measures the training pipeline's throughput in relative-GT pairs per second
+(64x64 patches, batch 16, all three degradations): once for pair synthesis alone
+(``make_pairs`` on ready crops) and once for the whole pipeline (DataLoader workers cutting
+crops from the decoded embedded photos + synthesis on the device), on the CPU and, when
+present, on the GPU. Results are merged into a JSON file keyed by machine and device and
+printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine_description() -> dict:
+    info = {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bench_pipeline(device: str, batch_size: int = 16, patch: int = 64, seconds: float = 10.0,
+                   num_workers: int = 2, warmup: int = 3) -> dict:
+    """Pairs/s of the DataModule: workers cut crops, ``on_after_batch_transfer`` makes pairs."""
+    from cirlab.data.datamodule import RestorationDataModule
+
+    cache = Path(tempfile.gettempdir()) / "cirlab-bench-cache"
+    datamodule = RestorationDataModule(
+        train_dir=str(cache / "embedded" / "train"), val_dir=None, embedded_root=str(cache / "embedded"),
+        patch_size=patch, batch_size=batch_size, batches_per_epoch=10**6, num_workers=num_workers, seed=0,
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    iterator = iter(loader)
+    for _ in range(warmup):
+        datamodule.on_after_batch_transfer({k: v.to(dev) for k, v in next(iterator).items()}, 0)
+    sync()
+    batches, start = 0, time.perf_counter()
+    while batches == 0 or time.perf_counter() - start < seconds:
+        batch = {k: v.to(dev, non_blocking=True) for k, v in next(iterator).items()}
+        datamodule.on_after_batch_transfer(batch, 0)
+        batches += 1
+    sync()
+    elapsed = time.perf_counter() - start
+    return {"pairs_per_s": batches * batch_size / elapsed, "batches": batches, "elapsed_s": elapsed,
+            "num_workers": num_workers, "device": str(dev), "batch": batch_size, "patch": patch}
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from cirlab.bench.data import bench_pairs
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        synthesis = bench_pairs(device=device, seconds=args.seconds)
+        pipeline = bench_pipeline(device, seconds=args.seconds, num_workers=args.num_workers)
+        rows.append({"device": device, "synthesis_pairs_per_s": synthesis["pairs_per_s"],
+                     "pipeline_pairs_per_s": pipeline["pairs_per_s"], "num_workers": args.num_workers})
+    record = {
+        "command": "cirlab-bench data " + " ".join(sys.argv[2:]),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "revision": git_revision(),
+        "machine": machine_description(),
+        "batch": 16, "patch": 64, "degradations": "blur+noise+jpeg, relative GT",
+        "results": rows,
+    }
+    out = Path(args.out)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    key = f"{record['machine']['host']}/{'+'.join(devices)}"
+    existing[key] = record
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out)
+    print(f"\n{record['command']}  ({record['date']}, rev {record['revision']}, "
+          f"{record['machine']['cpu_count']} CPU cores{', ' + record['machine'].get('gpu', '') if 'gpu' in record['machine'] else ''})")
+    print("| device | pair synthesis (pairs/s) | whole pipeline (pairs/s) |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['device']} | {row['synthesis_pairs_per_s']:,.0f} | {row['pipeline_pairs_per_s']:,.0f} |")
+    print(f"written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cirlab-bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    data = sub.add_parser("data", help="training-pipeline throughput (pairs/s)")
+    data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
+    data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers for the whole-pipeline figure")
+    data.add_argument("--out", default="docs/bench/data.json", help="JSON file the figures are merged into")
+    data.set_defaults(func=run_data)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
