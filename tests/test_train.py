@@ -44,6 +44,10 @@ def test_tiny_run_leaves_checkpoints_tables_metrics_and_picture(train_cfg, tmp_p
     # the heavily degraded grid points score lower than the mild ones
     per_task = {row.split(",")[0]: float(row.split(",")[4]) for row in rows[1:]}
     assert per_task["r4.0_s50_q10"] < per_task["r0.0_s0_q80"]
+    # test/psnr averages the 26 restoration tasks; the clean point is reported apart
+    tasks = [v for k, v in metrics.items() if k.startswith("test_grid/psnr/") and not k.endswith("r0.0_s0_qnone")]
+    assert len(tasks) == 26 and metrics["test/psnr"] == pytest.approx(sum(tasks) / 26, rel=1e-5)
+    assert metrics["test/psnr_all_points"] > metrics["test/psnr"]
     # the checkpoint holds the network and plain hyper-parameters only (weights_only loads it)
     state = read_state(run / "checkpoints" / "last.ckpt")
     assert state["cirlab_module"] == "cirlab.modules.cresmd.CResMD"

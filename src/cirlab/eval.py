@@ -45,7 +45,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[],
                                                  enable_checkpointing=False)
-    trainer.test(model=model, datamodule=datamodule)
+    trainer.test(model=model, datamodule=datamodule, verbose=False)
     metrics = metrics_to_floats(trainer.callback_metrics)
     if trainer.is_global_zero:
         from cirlab.evaluation import write_grid_tables
@@ -54,6 +54,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         paths = write_grid_tables(metrics, out_dir, stage="test")
         write_json_atomically(out_dir / "metrics.json", {"ckpt_path": str(cfg.ckpt_path), **metrics})
         log.info("tables: %s", ", ".join(str(p) for p in paths))
+        if paths:
+            log.info("test averages:\n%s", paths[-1].read_text())
     return metrics
 
 

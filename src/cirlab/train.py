@@ -65,13 +65,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint was saved: testing the current weights")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update(metrics_to_floats(trainer.callback_metrics))
         if trainer.is_global_zero:
             from cirlab.evaluation import write_grid_tables
 
             tables = write_grid_tables(metrics, Path(cfg.paths.output_dir), stage="test")
             log.info("test tables: %s", ", ".join(str(p) for p in tables))
+            log.info("test averages:\n%s", tables[-1].read_text() if tables else "(no grid metrics)")
 
     if trainer.is_global_zero:
         metrics.update({k: float(v) for k, v in counts.items()})

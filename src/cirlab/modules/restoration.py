@@ -101,10 +101,20 @@ class RestorationModule(L.LightningModule):
         self.val_psnr.update(psnr_per_image(output, batch["target"]).clamp(max=PSNR_CAP_DB), batch["grid_index"])
         self.val_ssim.update(ssim_per_image(output, batch["target"]), batch["grid_index"])
 
+    @staticmethod
+    def _task_points(levels: torch.Tensor | None, count: int) -> torch.Tensor:
+        """Which grid points are restoration tasks (some degradation); all if none or unknown."""
+        if levels is None or len(levels) != count:
+            return torch.ones(count, dtype=torch.bool)
+        degraded = levels.sum(dim=1) > 0
+        return degraded if degraded.any() else torch.ones(count, dtype=torch.bool)
+
     def on_validation_epoch_end(self) -> None:
+        psnr, ssim = self.val_psnr.compute().cpu(), self.val_ssim.compute().cpu()
+        tasks = self._task_points(getattr(self, "val_levels", None), len(psnr))
         # the metrics are already reduced over ranks; sync_dist only states it (same value everywhere)
-        self.log("val/psnr", self.val_psnr.compute().nanmean().float(), prog_bar=True, sync_dist=True)
-        self.log("val/ssim", self.val_ssim.compute().nanmean().float(), sync_dist=True)
+        self.log("val/psnr", psnr[tasks].nanmean().float(), prog_bar=True, sync_dist=True)
+        self.log("val/ssim", ssim[tasks].nanmean().float(), sync_dist=True)
         self.val_psnr.reset()
         self.val_ssim.reset()
 
@@ -134,17 +144,15 @@ class RestorationModule(L.LightningModule):
         val_levels, test_levels = level_grid(val_grid), level_grid(test_grid)
         self._make_grid_metrics(len(val_levels), len(test_levels))
         self.grid_labels = grid_labels(test_levels)
-        self.test_levels = test_levels
+        self.val_levels, self.test_levels = val_levels, test_levels
 
     def on_test_epoch_end(self) -> None:
         self._last_test_table = {"psnr": self.test_psnr.compute().cpu(), "ssim": self.test_ssim.compute().cpu()}
-        self.log("test/psnr", self._last_test_table["psnr"].nanmean().float(), sync_dist=True)
-        self.log("test/ssim", self._last_test_table["ssim"].nanmean().float(), sync_dist=True)
-        degraded = self.test_levels.sum(dim=1) > 0 if hasattr(self, "test_levels") else None
-        if degraded is not None and len(degraded) == len(self._last_test_table["psnr"]) and not degraded.all():
-            # the papers' restoration tasks: grid points with some degradation
-            self.log("test/psnr_degraded", self._last_test_table["psnr"][degraded].nanmean().float(), sync_dist=True)
-            self.log("test/ssim_degraded", self._last_test_table["ssim"][degraded].nanmean().float(), sync_dist=True)
+        psnr, ssim = self._last_test_table["psnr"], self._last_test_table["ssim"]
+        tasks = self._task_points(getattr(self, "test_levels", None), len(psnr))
+        self.log("test/psnr", psnr[tasks].nanmean().float(), sync_dist=True)
+        self.log("test/ssim", ssim[tasks].nanmean().float(), sync_dist=True)
+        self.log("test/psnr_all_points", psnr.nanmean().float(), sync_dist=True)
         labels = getattr(self, "grid_labels", None) or [f"point{i}" for i in range(len(self._last_test_table["psnr"]))]
         for name, values in self._last_test_table.items():
             for label, value in zip(labels, values.tolist()):
