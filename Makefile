@@ -41,7 +41,7 @@ eval: $(STAMP)  ## score a checkpoint: make eval ckpt_path=... (data=cbsd68 by d
 data: $(STAMP)  ## download DIV2K and CBSD68 into data/ (needs internet; resumes, verifies checksums)
 	$(BIN)/cirlab-data --root data $(ARGS)
 
-bench-data: $(STAMP)  ## training-pipeline throughput (pairs/s) on CPU and GPU; appends to docs/results.md
+bench-data: $(STAMP)  ## training-pipeline throughput (pairs/s) on CPU and GPU; merged into docs/bench/data.json
 	$(BIN)/cirlab-bench data $(ARGS)
 
 clean:  ## remove caches and run directories (not .venv)
