@@ -101,7 +101,7 @@ def run_data(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     existing = json.loads(out.read_text()) if out.exists() else {}
-    key = f"{record['machine']['host']}/{'+'.join(devices)}"
+    key = f"{record['machine']['host']}/{'+'.join(devices)}/workers={args.num_workers}"
     existing[key] = record
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
