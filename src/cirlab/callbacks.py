@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
 import torch
+
+from cirlab.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,8 @@ def task_grid(levels_in: torch.Tensor, fractions: list[float]) -> tuple[torch.Te
 
 
 def save_figure_atomically(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class TaskGridPicture(L.Callback):

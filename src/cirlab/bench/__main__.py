@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from cirlab.utils.run import write_json_atomically
+
 
 def machine_description() -> dict:
     info = {
@@ -103,10 +105,7 @@ def run_data(args: argparse.Namespace) -> int:
     existing = json.loads(out.read_text()) if out.exists() else {}
     key = f"{record['machine']['host']}/{'+'.join(devices)}/workers={args.num_workers}"
     existing[key] = record
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)
+    write_json_atomically(out, existing)
     print(f"\n{record['command']}  ({record['date']}, rev {record['revision']}, "
           f"{record['machine']['cpu_count']} CPU cores{', ' + record['machine'].get('gpu', '') if 'gpu' in record['machine'] else ''})")
     print("| device | pair synthesis (pairs/s) | whole pipeline (pairs/s) |\n|---|---|---|")

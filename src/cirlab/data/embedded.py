@@ -11,9 +11,9 @@ These images are far too few for research figures; they exist to show the pipeli
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from cirlab.utils.files import atomic_path
 
 TRAIN_IMAGES = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle_left")
 HELD_OUT_IMAGES = ("chelsea", "coffee")
@@ -51,12 +51,6 @@ def write_embedded(root: str | Path) -> dict[str, Path]:
             target = folder / f"{name}.png"
             if target.exists():
                 continue
-            fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-            os.close(fd)
-            try:
+            with atomic_path(target) as tmp:
                 Image.fromarray(_load(name)).save(tmp, format="PNG")
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
     return folders

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+from cirlab.utils.files import atomic_path
 
 FORMAT_VERSION = 1
 
@@ -139,15 +139,8 @@ def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bo
         inputs.append(degraded.mul(255).round().to(torch.uint8))
     data = {"names": [p.name for p in paths], "clean": clean_images, "inputs": inputs, "levels": levels}
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=cache_file.parent)
-        os.close(fd)
-        try:
+        with atomic_path(cache_file) as tmp:
             torch.save(data, tmp)
-            os.replace(tmp, cache_file)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return data
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
+
+from cirlab.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,8 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomically(path: Path, data: Any) -> None:
