@@ -40,6 +40,9 @@ def test_tiny_run_leaves_checkpoints_tables_metrics_and_picture(train_cfg, tmp_p
     assert saved["model/params_total"] == saved["model/params_trainable"] > 0
     rows = (run / "test_per_task.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 27 and rows[1].startswith("r0.0_s0_qnone")
+    assert rows[0] == "label,r,sigma,q,psnr,ssim,psnr_input"
+    assert float(rows[1].split(",")[6]) == 100.0  # the clean input is the target (capped PSNR)
+    assert metrics["test_grid/psnr_input/r0.0_s50_qnone"] < 20  # sigma 50 noise: ~14 dB
     assert (run / "pictures" / "latest.png").stat().st_size > 10_000
     # the heavily degraded grid points score lower than the mild ones
     per_task = {row.split(",")[0]: float(row.split(",")[4]) for row in rows[1:]}

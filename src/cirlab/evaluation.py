@@ -50,7 +50,9 @@ def write_grid_tables(metrics: dict[str, float], out_dir: Path, stage: str = "te
     write_text_atomically(per_task_md, "\n".join(lines) + "\n")
     write_text_atomically(per_task_csv, "\n".join(csv) + "\n")
 
-    average = [f"| metric | {stage} average over {len(rows)} task vectors |", "|---|---|"]
+    average = [f"Grid of {len(rows)} task vectors. `{stage}/psnr` and `{stage}/ssim` average the restoration "
+               "tasks (points with some degradation); `_all_points` includes the clean point.", "",
+               "| metric | value |", "|---|---|"]
     for key in sorted(k for k in metrics if k.startswith(f"{stage}/")):
         average.append(f"| {key} | {metrics[key]:.4f} |")
     average_md = out_dir / f"{stage}_average.md"

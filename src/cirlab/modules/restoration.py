@@ -123,6 +123,8 @@ class RestorationModule(L.LightningModule):
 
         output = self._restore_eval(batch)
         self.test_psnr.update(paper_psnr(output, batch["target"]).clamp(max=PSNR_CAP_DB), batch["grid_index"])
+        # the degraded input's own score: what the restoration gains per task
+        self.test_psnr_input.update(paper_psnr(batch["input"], batch["target"]).clamp(max=PSNR_CAP_DB), batch["grid_index"])
         self.test_ssim.update(paper_ssim(output, batch["target"]), batch["grid_index"])
         if self.test_iqa:
             self.test_niqe.update(output)
@@ -132,6 +134,7 @@ class RestorationModule(L.LightningModule):
         self.val_psnr = GroupedMean(val_points)
         self.val_ssim = GroupedMean(val_points)
         self.test_psnr = GroupedMean(test_points)
+        self.test_psnr_input = GroupedMean(test_points)
         self.test_ssim = GroupedMean(test_points)
 
     def setup(self, stage: str) -> None:
@@ -147,7 +150,8 @@ class RestorationModule(L.LightningModule):
         self.val_levels, self.test_levels = val_levels, test_levels
 
     def on_test_epoch_end(self) -> None:
-        self._last_test_table = {"psnr": self.test_psnr.compute().cpu(), "ssim": self.test_ssim.compute().cpu()}
+        self._last_test_table = {"psnr": self.test_psnr.compute().cpu(), "ssim": self.test_ssim.compute().cpu(),
+                                 "psnr_input": self.test_psnr_input.compute().cpu()}
         psnr, ssim = self._last_test_table["psnr"], self._last_test_table["ssim"]
         tasks = self._task_points(getattr(self, "test_levels", None), len(psnr))
         self.log("test/psnr", psnr[tasks].nanmean().float(), sync_dist=True)
@@ -163,10 +167,11 @@ class RestorationModule(L.LightningModule):
             self.test_niqe.reset()
             self.test_brisque.reset()
         self.test_psnr.reset()
+        self.test_psnr_input.reset()
         self.test_ssim.reset()
 
     def per_task_table(self) -> dict[str, torch.Tensor]:
-        """Per-grid-point means ``{"psnr": (G,), "ssim": (G,)}`` of the last test run."""
+        """Per-grid-point means ``{"psnr", "ssim", "psnr_input"}`` (each (G,)) of the last test run."""
         table = getattr(self, "_last_test_table", None)
         if table is None:
             raise RuntimeError("per_task_table() needs a finished trainer.test() run")
