@@ -7,6 +7,10 @@ Training
     (relative or absolute ground truth, ``cirlab.data.sampling``) are synthesised batched in
     ``on_after_batch_transfer``, i.e. on the GPU when training runs there.
 
+    [choice] The paired augmentation is plain flips/transpose of the uint8 clean crop in the
+    worker, not kornia: input and target are both made from that one crop afterwards, so they
+    share the augmentation by construction, and flipping a 64x64 uint8 view costs nothing.
+
     The stream is a pure function of ``(seed, global batch index, rank)``: sample ``j`` of the
     batch ``b`` of rank ``k`` in a world of ``W`` ranks has the id ``(b * W + k) * B + j``; its
     crop and flips are drawn from a generator seeded with that id, and the degradation of a
