@@ -1,0 +1,175 @@
+"""``TASNetSearch``: the differentiable architecture search of TASNet (section 3.2) as a LightningModule.
+
+Objective (eq. 8): ``L1 + lambda1 * R1 + lambda2 * R2`` where R1 is the FLOPs of the
+architecture as executed with the applied masks for the batch's M tasks (shared prefix once,
+task-specific part once per task), divided by the unpruned CResMD's FLOPs for the same M tasks,
+and R2 the disagreement of eq. 10 divided by M * sum_n C_n (METHOD.md section 3, [choice]:
+both normalisations make lambda values scale-free).
+
+Network weights (and the shared blocks' task-agnostic scales) and the controllers are two
+parameter groups of one optimiser, each with its own learning rate (``optimizer.lr`` and
+``controller_lr``), so Lightning's automatic optimisation, clipping and accumulation apply.
+
+Each validation logs ``val/psnr`` of the masked network on the validation grid, the current
+L1/R1/R2, ``search/gflops_27_hd`` (FLOPs per inference of the 27-point workload at 1280x720,
+shared prefix amortised over the 27 tasks), ``search/flops_ratio`` (that cost over CResMD's),
+``search/shared_maps`` and the mean active channels, writes ``search/architecture.json`` (every
+map: shared or not, eta, channels) and draws the architecture picture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cirlab.models.search import TASNetSearchNet, disagreement
+from cirlab.modules.restoration import RestorationModule
+
+log = logging.getLogger(__name__)
+
+HD = (720, 1280)
+
+
+class TASNetSearch(RestorationModule):
+    """Search over a CResMD supernetwork; see the module docstring.
+
+    Args (beyond ``RestorationModule``'s):
+        lambda1: weight of the FLOPs regulariser R1.
+        lambda2: weight of the disagreement regulariser R2.
+        controller_lr: learning rate of the controllers' parameter group.
+        init_ckpt: optional cirlab CResMD checkpoint whose network starts the search.
+        workload_grid: task grid of the reported workload (default CResMD's 27 points).
+    """
+
+    def __init__(self, net: dict, optimizer: dict, scheduler: dict | None = None, scheduler_interval: str = "step",
+                 lambda1: float = 0.1, lambda2: float = 0.1, controller_lr: float = 1e-3,
+                 init_ckpt: str | None = None, workload_grid: str | list = "cresmd27",
+                 test_iqa: bool = False, iqa_weights_dir: str | None = None) -> None:
+        super().__init__(net=net, optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval,
+                         test_iqa=test_iqa, iqa_weights_dir=iqa_weights_dir)
+        for key, value in (("lambda1", lambda1), ("lambda2", lambda2), ("controller_lr", controller_lr)):
+            if value < 0:
+                raise ValueError(f"model.{key}={value} must be >= 0")
+        self.save_hyperparameters({"lambda1": lambda1, "lambda2": lambda2, "controller_lr": controller_lr,
+                                   "init_ckpt": init_ckpt, "workload_grid": workload_grid})
+        if not isinstance(self.net, TASNetSearchNet):
+            raise ValueError("model.net must build a cirlab.models.search.TASNetSearchNet")
+        if init_ckpt:
+            self.load_supernet(init_ckpt)
+
+    def load_supernet(self, path: str) -> None:
+        """Start from a trained CResMD: its ``net.*`` weights become the supernetwork's."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
+        weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")} or state
+        missing, unexpected = self.net.supernet.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"model.init_ckpt={path!r} is not a CResMD of this shape: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        self.net.reset_agnostic_scales()
+        log.info("search starts from the CResMD weights of %s", path)
+
+    # ------------------------------------------------------------------------ objective
+    def regularisers(self, result, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from cirlab.models.flops import MaskState, cresmd_flops, masked_flops
+
+        net = self.net
+        tasks = result.output.shape[0]
+        state = MaskState(phi=result.phi, masks=result.masks)
+        r1 = masked_flops(state, net.nf, net.nb, height, width) / cresmd_flops(net.nf, net.nb, height, width, tasks=tasks)
+        r2 = disagreement(result.gates_specific, result.gates_agnostic, result.phi)
+        return r1, r2
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        result = self.net.search_forward(batch["input"], batch["task"])
+        l1 = F.l1_loss(result.output, batch["target"])
+        r1, r2 = self.regularisers(result, *batch["input"].shape[-2:])
+        loss = l1 + self.hparams.lambda1 * r1 + self.hparams.lambda2 * r2
+        size = batch["input"].shape[0]
+        self.log("train/l1", l1, prog_bar=True, batch_size=size)
+        self.log("train/r1", r1, batch_size=size)
+        self.log("train/r2", r2, batch_size=size)
+        self.log("train/loss", loss, batch_size=size)
+        self.log("search/shared_maps", float(result.phi.sum()), prog_bar=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        from hydra.utils import instantiate
+
+        controllers = list(self.net.controllers.parameters())
+        ids = {id(p) for p in controllers}
+        weights = [p for p in self.net.parameters() if id(p) not in ids]
+        optimizer = instantiate(self.hparams.optimizer)(params=[
+            {"params": weights, "name": "weights"},
+            {"params": controllers, "lr": self.hparams.controller_lr, "name": "controllers"},
+        ])
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
+
+    # ------------------------------------------------------------------------ reporting
+    @torch.no_grad()
+    def architecture(self, height: int = HD[0], width: int = HD[1]) -> dict:
+        """The current architecture on the workload grid: per-map channels, eta, FLOPs."""
+        from cirlab.data.evalsets import level_grid
+        from cirlab.models.flops import MaskState, cresmd_flops, masked_flops, searchable_maps
+
+        net = self.net
+        tasks = level_grid(self.hparams.workload_grid).to(self.device)
+        was_training = net.training
+        net.eval()
+        specific, agnostic = net.importance(tasks)
+        net.train(was_training)
+        phi = net.phi.clone()
+        masks = [(z > 0).float().expand(len(tasks), -1) if shared else (s > 0).float()
+                 for s, z, shared in zip(specific, agnostic, phi.tolist())]
+        flops = float(masked_flops(MaskState(phi=phi, masks=masks), net.nf, net.nb, height, width))
+        full = float(cresmd_flops(net.nf, net.nb, height, width, tasks=len(tasks)))
+        maps = []
+        for spec, mask, shared, eta in zip(searchable_maps(net.nb, net.nf), masks, phi.tolist(), net.eta.tolist()):
+            counts = mask.sum(dim=1)
+            maps.append({"name": spec.name, "shared": bool(shared), "eta": bool(eta),
+                         "channels": int(counts[0]) if shared else None,
+                         "channels_mean": float(counts.mean()), "channels_min": int(counts.min()),
+                         "channels_max": int(counts.max()), "channels_full": int(mask.shape[1])})
+        return {"tasks": len(tasks), "height": height, "width": width, "shared_maps": int(phi.sum()),
+                "flops_total": flops, "flops_per_inference": flops / len(tasks),
+                "cresmd_flops_per_inference": full / len(tasks), "flops_ratio": flops / full, "maps": maps}
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        arch = self.architecture()
+        self.log("search/gflops_27_hd", arch["flops_per_inference"] / 1e9, sync_dist=True)
+        self.log("search/flops_ratio", arch["flops_ratio"], sync_dist=True)
+        self.log("search/shared_maps", float(arch["shared_maps"]), sync_dist=True)
+        self.log("search/active_channels_mean",
+                 sum(m["channels_mean"] for m in arch["maps"]) / len(arch["maps"]), sync_dist=True)
+        self._last_architecture = arch
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.save_architecture(arch)
+
+    def save_architecture(self, arch: dict) -> None:
+        from cirlab.utils.files import atomic_path
+
+        root = Path(self.trainer.default_root_dir) / "search"
+        with atomic_path(root / "architecture.json") as tmp:
+            tmp.write_text(json.dumps({"step": self.global_step, **arch}, indent=1) + "\n")
+        from cirlab.plots import architecture_figure
+
+        figure = architecture_figure(arch, title=f"step {self.global_step}")
+        from cirlab.callbacks import save_figure_atomically
+
+        path = root / f"architecture_step{self.global_step:07d}.png"
+        save_figure_atomically(figure, path)
+        save_figure_atomically(figure, root / "architecture_latest.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="search/architecture", images=[str(path)], step=self.global_step)

@@ -1,0 +1,110 @@
+"""TASNet search machinery: the gate, the sharing decision, the prefix, the regularisers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cirlab.models.search import (
+    ChannelController,
+    TASNetSearchNet,
+    agreement,
+    disagreement,
+    gate,
+    sharing_decision,
+)
+
+
+def test_gate_forward_is_the_indicator_and_backward_the_sigmoid_derivative():
+    z = torch.tensor([-2.0, -0.1, 0.0, 0.3, 5.0], requires_grad=True)
+    values = gate(z)
+    assert values.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+    values.sum().backward()
+    sig = torch.sigmoid(z.detach())
+    torch.testing.assert_close(z.grad, sig * (1 - sig))
+
+
+def test_agreement_threshold_of_eq6():
+    agnostic = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    specific = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])  # overlaps 2 and 1 -> mean 1.5
+    assert bool(agreement(specific, agnostic, gamma=0.7))  # 1.5 > 1.4
+    assert not bool(agreement(specific, agnostic, gamma=0.8))  # 1.5 > 1.6 fails
+
+
+def test_phi_is_the_running_product_of_eta():
+    eta = torch.tensor([True, True, False, True, True])
+    assert sharing_decision(eta).tolist() == [True, True, False, False, False]
+    assert sharing_decision(torch.tensor([False, True])).tolist() == [False, False]
+    assert sharing_decision(torch.ones(4, dtype=torch.bool)).all()
+
+
+def test_controllers_start_with_every_channel_on():
+    controller = ChannelController(3, 16, hidden=8, init_bias=3.0)
+    assert (gate(controller(torch.rand(5, 3))) == 1).all()
+
+
+def test_search_net_keeps_the_reference_supernetwork_and_n67_maps():
+    net = TASNetSearchNet()
+    assert net.num_maps == 67
+    assert sum(p.numel() for p in net.supernet.parameters()) == 2_559_759
+    assert "supernet.recon_trunk.31.local_scale.weight" in net.state_dict()
+
+
+def tiny_net(**kwargs) -> TASNetSearchNet:
+    torch.manual_seed(0)
+    return TASNetSearchNet(nf=8, nb=2, controller_hidden=8, **kwargs)
+
+
+def test_shared_prefix_does_not_depend_on_the_task_vector():
+    net = tiny_net()
+    net.train()
+    x = torch.rand(2, 3, 16, 16)
+    net.search_forward(x, torch.rand(2, 3))  # sets phi (all maps agree at the start: all shared)
+    with torch.no_grad():  # make the controllers task-dependent and unshare the tail
+        for controller in net.controllers:
+            controller.fc2.weight.normal_(std=2.0)
+    net.phi[4:] = False
+    net.eval()
+    same_image = x[:1].expand(2, -1, -1, -1)
+    a = net.search_forward(same_image, torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), keep_maps=True)
+    for index in range(4):  # shared maps: identical for both tasks
+        torch.testing.assert_close(a.maps[index][0], a.maps[index][1], rtol=0, atol=0)
+    assert not torch.allclose(a.output[0], a.output[1])  # the task-specific part does depend on t
+
+
+def test_training_step_updates_ema_and_decision():
+    net = tiny_net(gamma=0.5, ema_momentum=0.5)
+    net.train()
+    out = net.search_forward(torch.rand(3, 3, 16, 16), torch.rand(3, 3))
+    assert bool(net.ema_started) and net.phi.all()
+    assert out.output.shape == (3, 3, 16, 16)
+    before = net.z_agnostic.clone()
+    with torch.no_grad():
+        for controller in net.controllers:
+            controller.fc2.bias.fill_(-1.0)
+    net.search_forward(torch.rand(3, 3, 16, 16), torch.rand(3, 3))
+    assert (net.z_agnostic < before).all()  # moved half-way toward the new batch mean
+
+
+def test_sharing_disabled_gives_no_shared_map():
+    net = tiny_net(sharing=False)
+    net.train()
+    net.search_forward(torch.rand(2, 3, 16, 16), torch.rand(2, 3))
+    assert net.shared_maps() == 0
+
+
+def test_gamma_one_never_shares_and_gamma_zero_shares_all_with_any_channel_on():
+    for gamma, expected in ((1.0, 0), (0.0, 7)):
+        net = tiny_net(gamma=gamma)
+        net.train()
+        net.search_forward(torch.rand(2, 3, 16, 16), torch.rand(2, 3))
+        assert net.shared_maps() == expected
+
+
+def test_disagreement_counts_only_maps_after_a_shared_one():
+    agnostic = [torch.ones(4), torch.ones(4), torch.ones(4)]
+    specific = [torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4)]
+    phi = torch.tensor([True, False, False])  # phi_0 = 1, phi_1 = 1, phi_2 = 0 -> maps 1 and 2 count
+    assert float(disagreement(specific, agnostic, phi)) == pytest.approx(16 / 24)
+    phi = torch.tensor([False, False, False])  # only map 1 (after the input) counts
+    assert float(disagreement(specific, agnostic, phi)) == pytest.approx(8 / 24)

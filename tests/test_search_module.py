@@ -1,0 +1,71 @@
+"""The TASNetSearch module through the real config: logging, pictures, lambda1, gamma, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cirlab.train import train
+from conftest import TINY
+
+SEARCH = ["model=tasnet_search_tiny", "test=false", "callbacks.task_grid_picture=null", "data.val_grid=single",
+          "data.val_crop=32", "model.workload_grid=single"]
+
+
+def test_search_run_logs_the_architecture(train_cfg):
+    cfg = train_cfg(*SEARCH)
+    metrics = train(cfg)
+    for key in ("val/psnr", "search/gflops_27_hd", "search/flops_ratio", "search/shared_maps", "train/r1", "train/r2"):
+        assert key in metrics, key
+    run = Path(cfg.paths.output_dir)
+    arch = json.loads((run / "search" / "architecture.json").read_text())
+    assert len(arch["maps"]) == 7 and arch["tasks"] == 7
+    assert arch["flops_ratio"] == pytest.approx(metrics["search/flops_ratio"], rel=1e-6)
+    assert (run / "search" / "architecture_latest.png").stat().st_size > 5_000
+
+
+def short_search(train_cfg, tmp_path, name, *overrides):
+    cfg = train_cfg(*SEARCH, "trainer.max_steps=10", "data.batches_per_epoch=10", "model.controller_lr=0.1",
+                    "model.net.init_bias=0.5",
+                    "model.net.ema_momentum=0.5", f"hydra.run.dir={tmp_path / name}", *overrides)
+    return train(cfg)
+
+
+@pytest.mark.slow
+def test_lambda1_ends_with_fewer_flops_than_without(train_cfg, tmp_path):
+    plain = short_search(train_cfg, tmp_path, "plain", "model.lambda1=0.0")
+    pruned = short_search(train_cfg, tmp_path, "pruned", "model.lambda1=5.0")
+    assert pruned["search/gflops_27_hd"] < 0.9 * plain["search/gflops_27_hd"]
+    assert pruned["search/flops_ratio"] < plain["search/flops_ratio"]
+
+
+@pytest.mark.slow
+def test_gamma_near_one_shares_fewer_maps_than_gamma_near_zero(train_cfg, tmp_path):
+    loose = short_search(train_cfg, tmp_path, "loose", "model.net.gamma=0.05", "model.lambda1=0.0")
+    strict = short_search(train_cfg, tmp_path, "strict", "model.net.gamma=0.95", "model.lambda1=0.0")
+    assert strict["search/shared_maps"] < loose["search/shared_maps"], (strict, loose)
+
+
+@pytest.mark.slow
+def test_two_point_sweep_through_the_real_config(tmp_path, shared_cache):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    overrides = [o for o in TINY if not o.startswith(("callbacks.task_grid_picture", "model="))]
+    command = [sys.executable, "-m", "cirlab.train", "-m", "hparams_search=tasnet_grid", *overrides, *SEARCH,
+               "model.lambda1=0.0,1.0", "model.lambda2=0.1", "model.net.gamma=0.5", "trainer.max_steps=2",
+               "data.batches_per_epoch=2", f"paths.root_dir={tmp_path}", f"paths.cache_dir={shared_cache}",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(jobs) == 2
+    lambdas = sorted(json.loads((j / "metrics.json").read_text()) and
+                     [line for line in (j / ".hydra" / "overrides.yaml").read_text().splitlines() if "lambda1" in line][0]
+                     for j in jobs)
+    assert lambdas == ["- model.lambda1=0.0", "- model.lambda1=1.0"]
+    for job in jobs:
+        assert "search/gflops_27_hd" in json.loads((job / "metrics.json").read_text())
