@@ -60,24 +60,14 @@ def shared_cache(tmp_path_factory) -> Path:
 
 
 def compose(config_name: str, overrides: list[str]):
-    """Compose a config of the real tree (with Hydra's own config, so ${hydra:...} resolves)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
+    """Compose a config of the real tree as one job (Hydra's own node included, so ${hydra:...}
+    resolves); the run directory is the last ``hydra.run.dir=`` override, else a fresh temp dir."""
+    import tempfile
 
-    from omegaconf import open_dict
+    from cirlab.config import compose_job
 
-    from cirlab.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):  # what a real run sets: the run directory becomes the output directory
-            cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
-        HydraConfig.instance().set_config(cfg)
-    return cfg
+    run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    return compose_job(config_name, overrides, run_dirs[-1] if run_dirs else tempfile.mkdtemp(prefix="cirlab-job-"))
 
 
 @pytest.fixture

@@ -52,3 +52,28 @@ def validate_config(cfg: DictConfig) -> None:
             missing |= {f"{key}.{sub}" for sub in OmegaConf.missing_keys(cfg[key])}
     if missing:
         raise ValueError(f"missing mandatory config value(s): {', '.join(sorted(missing))}")
+
+
+def compose_job(config_name: str, overrides: list[str], run_dir: str | Path) -> DictConfig:
+    """Compose ``config_name`` of the real tree with ``overrides``, as a job running in ``run_dir``.
+
+    What ``@hydra.main`` would set up for one job, without starting an app: Hydra's own node is
+    included (``return_hydra_config=True``), ``hydra.run.dir`` and ``hydra.runtime.output_dir``
+    are ``run_dir`` (so ``${hydra:runtime.output_dir}``, hence ``paths.output_dir``, resolve to
+    it) and the result is installed as the current ``HydraConfig``. Used by drivers that run
+    many jobs in one process (``cirlab.sweep``). Nothing is written to ``run_dir``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name=config_name):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.run.dir = str(run_dir)
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
