@@ -108,3 +108,37 @@ def test_disagreement_counts_only_maps_after_a_shared_one():
     assert float(disagreement(specific, agnostic, phi)) == pytest.approx(16 / 24)
     phi = torch.tensor([False, False, False])  # only map 1 (after the input) counts
     assert float(disagreement(specific, agnostic, phi)) == pytest.approx(8 / 24)
+
+
+def reference_masked_forward(net: TASNetSearchNet, x, task, masks, phi):
+    """The search network written plainly: every map multiplied by its mask (M, C)."""
+    sn = net.supernet
+    f = sn.conv_first(x) * masks[0][:, :, None, None]
+    for i, block in enumerate(sn.recon_trunk):
+        inner = torch.relu(block.conv1(f)) * masks[1 + 2 * i][:, :, None, None]
+        scale = net.agnostic_scale[i].expand(x.shape[0], -1) if phi[2 + 2 * i] else block.local_scale(task)
+        f = (f + block.conv2(inner) * scale[:, :, None, None]) * masks[2 + 2 * i][:, :, None, None]
+    up = torch.relu(sn.pixel_shuffle(sn.upconv(f))) * masks[-2][:, :, None, None]
+    hr = torch.relu(sn.HRconv(up)) * masks[-1][:, :, None, None]
+    return x + sn.conv_last(hr) * sn.global_scale(task)[:, :, None, None]
+
+
+@pytest.mark.parametrize("shared", [0, 3, 7])
+def test_folded_shared_masks_equal_multiplied_masks_and_pass_gradients(shared):
+    net = tiny_net()
+    with torch.no_grad():
+        for controller in net.controllers:
+            controller.fc2.weight.normal_(std=3.0)
+            controller.fc2.bias.normal_(std=1.0)
+    net.train()
+    x, task = torch.rand(3, 3, 16, 16), torch.rand(3, 3)
+    net.search_forward(x, task)  # start the EMA
+    net.eval()
+    net.phi.zero_()
+    net.phi[:shared] = True
+    result = net.search_forward(x, task)
+    assert any((m == 0).any() for m in result.masks)  # some channels really are off
+    expected = reference_masked_forward(net, x, task, [m.detach() for m in result.masks], net.phi.tolist())
+    torch.testing.assert_close(result.output, expected, rtol=1e-5, atol=1e-6)
+    result.output.sum().backward()
+    assert all(c.fc2.weight.grad is not None for c in net.controllers)

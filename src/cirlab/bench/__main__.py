@@ -1,6 +1,7 @@
 """``cirlab-bench``: measured figures, written with their command, date, machine and revision.
 
     cirlab-bench data [--seconds 10] [--out docs/bench/data.json]
+    cirlab-bench search-step [--sizes tiny,full] [--out docs/bench/search_step.json]
 
 ``data`` measures the training pipeline's throughput in relative-GT pairs per second
 (64x64 patches, batch 16, all three degradations): once for pair synthesis alone
@@ -8,6 +9,10 @@
 crops from the decoded embedded photos + synthesis on the device), on the CPU and, when
 present, on the GPU. Results are merged into a JSON file keyed by machine and device and
 printed as a Markdown table.
+
+``search-step`` measures one TASNet search training step against one plain CResMD training
+step (same batch 16 and 64x64 patches, interleaved, medians), for the tiny and the full network,
+on the CPU and, when present, the GPU.
 """
 
 from __future__ import annotations
@@ -115,6 +120,40 @@ def run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+SEARCH_SIZES = {"tiny": (8, 2), "small": (32, 8), "full": (64, 32)}
+
+
+def run_search_step(args: argparse.Namespace) -> int:
+    from cirlab.bench.search import bench_search_step
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        for size in args.sizes.split(","):
+            if size not in SEARCH_SIZES:
+                raise SystemExit(f"--sizes: unknown size {size!r}; use {', '.join(SEARCH_SIZES)}")
+            nf, nb = SEARCH_SIZES[size]
+            rows.append({"size": size, **bench_search_step(nf=nf, nb=nb, repeats=args.repeats, device=device)})
+    record = {
+        "command": "cirlab-bench search-step " + " ".join(sys.argv[2:]),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "revision": git_revision(), "machine": machine_description(), "results": rows,
+    }
+    out = Path(args.out)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing[f"{record['machine']['host']}/{'+'.join(devices)}"] = record
+    write_json_atomically(out, existing)
+    print(f"\n{record['command']}  ({record['date']}, rev {record['revision']})")
+    print("| device | network | plain step (s) | search, all shared (s) | ratio | search, none shared (s) | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['device']} | {row['size']} (nf {row['nf']}, nb {row['nb']}) | {row['plain_s']:.4f} "
+              f"| {row['search_shared_s']:.4f} | {row['ratio_shared']:.2f}x "
+              f"| {row['search_unshared_s']:.4f} | {row['ratio_unshared']:.2f}x |")
+    print(f"written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cirlab-bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -123,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers for the whole-pipeline figure")
     data.add_argument("--out", default="docs/bench/data.json", help="JSON file the figures are merged into")
     data.set_defaults(func=run_data)
+    search = sub.add_parser("search-step", help="TASNet search step vs plain CResMD step")
+    search.add_argument("--sizes", default="tiny,full", help="comma list of tiny, small, full")
+    search.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
+    search.add_argument("--out", default="docs/bench/search_step.json")
+    search.set_defaults(func=run_search_step)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -179,23 +179,39 @@ class TASNetSearchNet(nn.Module):
         net = self.supernet
         height, width = x.shape[-2:]
         padded = F.pad(x, (0, width % 2, 0, height % 2), mode="replicate") if (height % 2 or width % 2) else x
-        kept = [] if keep_maps else None
-        feature = net.conv_first(padded) * masks[0][:, :, None, None]
+        shared = phi.tolist()
+
+        def conv(module: nn.Conv2d, inputs: torch.Tensor, n: int, repeat: int = 1) -> torch.Tensor:
+            """Conv producing map n with its mask applied. A shared map's mask is one vector for
+            the whole batch, so it is folded into the (small) weights instead of multiplying the
+            (large) output; the values are identical since the gates are exactly 0 or 1."""
+            if not shared[n]:
+                return module(inputs)
+            mask = gates_agnostic[n].repeat_interleave(repeat) if repeat > 1 else gates_agnostic[n]
+            return F.conv2d(inputs, module.weight * mask[:, None, None, None], module.bias * mask,
+                            module.stride, module.padding)
+
+        def apply(values: torch.Tensor, n: int) -> torch.Tensor:
+            return values if shared[n] else values * masks[n][:, :, None, None]
+
+        feature = apply(conv(net.conv_first, padded, 0), 0)
         maps = [feature]
         for index, block in enumerate(net.recon_trunk):
             inner_map, out_map = 1 + 2 * index, 2 + 2 * index
-            inner = F.relu(block.conv1(feature)) * masks[inner_map][:, :, None, None]
-            if bool(phi[out_map]):
+            inner = apply(F.relu(conv(block.conv1, feature, inner_map)), inner_map)
+            if shared[out_map]:
                 scale = self.agnostic_scale[index].expand(batch, -1)
+                # (f + conv2(inner) * s) * m: the conv part is folded, the residual stream is masked
+                feature = feature * gates_agnostic[out_map][None, :, None, None] \
+                    + conv(block.conv2, inner, out_map) * scale[:, :, None, None]
             else:
                 scale = block.local_scale(task)
-            feature = (feature + block.conv2(inner) * scale[:, :, None, None]) * masks[out_map][:, :, None, None]
+                feature = (feature + block.conv2(inner) * scale[:, :, None, None]) * masks[out_map][:, :, None, None]
             maps += [inner, feature]
-        up = F.relu(net.pixel_shuffle(net.upconv(feature))) * masks[-2][:, :, None, None]
-        hr = F.relu(net.HRconv(up)) * masks[-1][:, :, None, None]
+        up = apply(F.relu(net.pixel_shuffle(conv(net.upconv, feature, self.num_maps - 2, repeat=4))), self.num_maps - 2)
+        hr = apply(F.relu(conv(net.HRconv, up, self.num_maps - 1)), self.num_maps - 1)
         out = padded + net.conv_last(hr) * net.global_scale(task)[:, :, None, None]
-        if keep_maps:
-            kept = maps + [up, hr]
+        kept = maps + [up, hr] if keep_maps else None
         return SearchOutput(out[..., :height, :width], masks, phi, gates_specific, gates_agnostic, kept)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
