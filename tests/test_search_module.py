@@ -69,3 +69,19 @@ def test_two_point_sweep_through_the_real_config(tmp_path, shared_cache):
     assert lambdas == ["- model.lambda1=0.0", "- model.lambda1=1.0"]
     for job in jobs:
         assert "search/gflops_27_hd" in json.loads((job / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_tasnet_optuna_study_runs_a_trial_with_both_objectives(tmp_path, shared_cache):
+    import optuna
+
+    from cirlab.sweep import main
+
+    overrides = [o for o in TINY if not o.startswith(("callbacks.task_grid_picture", "model="))]
+    args = ["hparams_search=tasnet_optuna", "optuna.n_trials=1", *overrides, *SEARCH, "trainer.max_steps=2",
+            "data.batches_per_epoch=2", f"paths.root_dir={tmp_path}", f"paths.cache_dir={shared_cache}"]
+    assert main(args) == 0
+    study = optuna.load_study(study_name="tasnet_optuna", storage=f"sqlite:///{tmp_path / 'logs/sweeps/tasnet_optuna.db'}")
+    (trial,) = study.trials
+    assert set(trial.params) == {"model.lambda1", "model.lambda2", "model.net.gamma"}
+    assert len(trial.values) == 2 and trial.values[1] > 0  # PSNR and GFLOPs per inference
