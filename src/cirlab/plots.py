@@ -41,6 +41,6 @@ def architecture_figure(arch: dict, title: str = ""):
                f"({arch['tasks']} tasks at {arch['width']}x{arch['height']}), "
                f"{100 * arch['flops_ratio']:.1f}% of CResMD")
     axis.set_title(f"{title}: {summary}" if title else summary, fontsize=9)
-    axis.legend(fontsize=7, loc="upper right")
+    axis.legend(fontsize=7, loc="lower left", framealpha=0.9)
     figure.tight_layout()
     return figure

@@ -72,6 +72,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback as HydraCallback
+
 import lightning as L
 import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -805,3 +807,23 @@ if __name__ == "__main__":  # run as cirlab.sweep, so OptunaPruning finds the tr
     from cirlab.sweep import main as _main
 
     sys.exit(_main())
+
+
+class MultirunSummary(HydraCallback):
+    """Hydra callback: when a multirun ends, write its summary table and Pareto plot.
+
+    Configured in ``conf/hparams_search/*grid.yaml`` under ``hydra.callbacks``, with the
+    objectives as ``metric: maximize|minimize`` (ordered: x axis, then y axis of pareto.png).
+    """
+
+    def __init__(self, objectives: dict | None = None) -> None:
+        self.objectives = [(metric, normalize_direction(direction)) for metric, direction in (objectives or {}).items()]
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.sweep.dir)
+        try:
+            rows, out_dir = _summarize(folder, self.objectives or None, None, None)
+        except Exception as error:  # a failed summary must not hide the jobs' own results
+            log.error("could not summarize the multirun in %s: %s", folder, error)
+            return
+        print(f"sweep summary ({len(rows)} jobs): {out_dir / 'summary.md'}")
