@@ -5,7 +5,7 @@ storage fails with SQLAlchemy 2.x. Instead, **current Optuna drives the same ``t
 directly, with persistent storage (SQLite by default), so a long study survives an interruption
 and is resumed by running the same command again.**
 
-Run a study (``python -m cirlab.sweep`` until the ``cirlab-sweep`` script is installed)::
+Run a study::
 
     cirlab-sweep hparams_search=cresmd_optuna                 # start, or resume, the study
     cirlab-sweep hparams_search=cresmd_optuna optuna.n_trials=40 trainer=gpu logger=csv
