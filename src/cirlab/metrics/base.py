@@ -8,6 +8,8 @@ mean over the union of their images.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from typing import Any
 
 import torch
@@ -37,9 +39,9 @@ class PerImageMean(Metric):
         self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def per_image(self, preds: Tensor, target: Tensor | None) -> Tensor:  # pragma: no cover
-        """Return the ``(B,)`` per-image scores of a batch."""
-        raise NotImplementedError
+    @abstractmethod
+    def per_image(self, preds: Tensor, target: Tensor | None) -> Tensor:
+        """Return the ``(B,)`` per-image scores of a batch (each subclass defines it)."""
 
     def update(self, preds: Tensor, target: Tensor | None = None) -> None:
         scores = self.per_image(preds, target).detach().reshape(-1)
