@@ -1,0 +1,225 @@
+"""``cirlab-derive``: turn a TASNet search checkpoint into a standalone TASNet (METHOD.md section 3).
+
+    cirlab-derive --ckpt logs/.../checkpoints/last.ckpt --out derived/ [--grid cresmd27]
+                  [--height 720 --width 1280]
+
+Writes ``derived/tasnet.ckpt`` (:meth:`cirlab.models.tasnet.TASNet.save`: architecture, weights
+and provenance; ``torch.load(weights_only=True)`` reads it, no pickled objects),
+``derived/architecture.json`` (the architecture plus a readable summary: shared depth, channels
+per map on the workload grid, FLOPs per inference against CResMD) and
+``derived/architecture.png`` (channels per map, as the search draws it).
+
+Derivation (:func:`derive`), from the search network's stored state:
+
+* phi (the ``phi`` buffer) is frozen: its first S maps are the shared prefix;
+* a shared map keeps the channels ``{c : z^a_c > 0}`` of the EMA importance ``z_agnostic``,
+  physically: the weights of the convolution producing it are sliced on their output rows, and
+  on their input columns where the input map is shared too; a shared block's ``agnostic_scale``
+  row is sliced the same way;
+* every task-specific map keeps its controller (weights copied) and full-width weights, sliced
+  per task at inference; rows of a task-specific conv that read a shared map are sliced to that
+  map's channels;
+* the controllers of shared maps, the ``local_scale`` of shared blocks, the unused
+  ``agnostic_scale`` rows and the search statistics are dropped.
+
+The derived network computes what ``TASNetSearchNet.search_forward`` computes in eval mode
+(stored phi, EMA z^a, per-task gates), up to float summation order (the tests check 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cirlab.models.tasnet import FORMAT, TASNet, make_architecture
+
+log = logging.getLogger(__name__)
+
+HD = (720, 1280)
+
+
+def load_search_net(path: str | Path):
+    """The ``TASNetSearchNet`` of a ``TASNetSearch`` checkpoint (network hyper-parameters from
+    the checkpoint's ``hyper_parameters.net``; weights and buffers from ``net.*``)."""
+    from cirlab.models.search import TASNetSearchNet
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such search checkpoint")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") == FORMAT:
+        raise ValueError(f"{path} is already a derived TASNet checkpoint")
+    config = dict((checkpoint.get("hyper_parameters") or {}).get("net") or {})
+    target = config.pop("_target_", "")
+    if not target.endswith("TASNetSearchNet"):
+        raise ValueError(f"{path} is not a TASNet search checkpoint (its network is {target or 'unknown'!r})")
+    net = TASNetSearchNet(**{k: v for k, v in config.items() if not k.startswith("_")})
+    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def shared_channels(search_net) -> list[list[int]]:
+    """The task-agnostic channels ``{c : z^a_c > 0}`` of each shared map (the frozen phi prefix)."""
+    phi = search_net.phi.detach().cpu()
+    shared = int(phi.sum())
+    if not torch.equal(phi, torch.arange(phi.numel()) < shared):
+        raise ValueError(f"phi must be a prefix (ones then zeros), got {phi.int().tolist()}")
+    if shared and not bool(search_net.ema_started):
+        raise ValueError("the search state has shared maps but no task-agnostic importance yet (z_agnostic unset)")
+    z = search_net.z_agnostic.detach().cpu()
+    return [torch.nonzero(z[k] > 0).flatten().tolist() for k in range(shared)]
+
+
+@torch.no_grad()
+def derive(search_net) -> TASNet:
+    """The derived TASNet of a ``TASNetSearchNet`` in its current state (module docstring)."""
+    sup = search_net.supernet
+    nf, nb, n_maps = search_net.nf, search_net.nb, search_net.num_maps
+    kept = shared_channels(search_net)
+    shared = len(kept)
+    channels: list[list[int] | None] = [*kept, *([None] * (n_maps - shared))]
+    hidden = search_net.controllers[0].fc1.out_features
+    arch = make_architecture(nf, nb, search_net.cond_dim, sup.in_nc, hidden, shared_maps=shared, channels=channels)
+    net = TASNet(arch)
+
+    full = list(range(nf))
+    rows_of = [c if c is not None else full for c in channels]  # physical rows of each map
+
+    def index(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long)
+
+    def conv_weights(module, out_rows: list[int], in_cols: list[int] | None) -> dict[str, torch.Tensor]:
+        weight = module.weight.index_select(0, index(out_rows))
+        if in_cols is not None:
+            weight = weight.index_select(1, index(in_cols))
+        return {"weight": weight.clone(), "bias": module.bias.index_select(0, index(out_rows)).clone()}
+
+    state: dict[str, torch.Tensor] = {}
+
+    def put(prefix: str, values: dict[str, torch.Tensor]) -> None:
+        state.update({f"{prefix}.{k}": v for k, v in values.items()})
+
+    put("conv_first", conv_weights(sup.conv_first, rows_of[0], None))
+    for i, block in enumerate(sup.recon_trunk):
+        prev, inner, out = 2 * i, 2 * i + 1, 2 * i + 2
+        put(f"recon_trunk.{i}.conv1", conv_weights(block.conv1, rows_of[inner], rows_of[prev]))
+        put(f"recon_trunk.{i}.conv2", conv_weights(block.conv2, rows_of[out], rows_of[inner]))
+        if out < shared:
+            state[f"recon_trunk.{i}.agnostic_scale"] = search_net.agnostic_scale[i].index_select(0, index(rows_of[out])).clone()
+        else:
+            put(f"recon_trunk.{i}.local_scale", {k: v.clone() for k, v in block.local_scale.state_dict().items()})
+    up, hr = 2 * nb + 1, 2 * nb + 2
+    up_rows = [4 * c + j for c in rows_of[up] for j in range(4)]
+    put("upconv", conv_weights(sup.upconv, up_rows, rows_of[2 * nb]))
+    put("HRconv", conv_weights(sup.HRconv, rows_of[hr], rows_of[up]))
+    put("conv_last", conv_weights(sup.conv_last, list(range(sup.out_nc)), rows_of[hr]))
+    put("global_scale", {k: v.clone() for k, v in sup.global_scale.state_dict().items()})
+    for k in range(shared, n_maps):
+        put(f"controllers.{k}", {key: v.clone() for key, v in search_net.controllers[k].state_dict().items()})
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+@torch.no_grad()
+def summarize(net: TASNet, grid: str | list = "cresmd27", height: int = HD[0], width: int = HD[1]) -> dict:
+    """Readable summary on a task grid: shared depth, channels per map (count for a fixed map,
+    min/mean/max over the grid's tasks for a controller map), FLOPs per inference (shared prefix
+    amortised over the grid) against CResMD's. Same keys as ``TASNetSearch.architecture()``,
+    so ``cirlab.plots.architecture_figure`` draws it."""
+    from cirlab.data.evalsets import level_grid
+    from cirlab.models.flops import cresmd_flops
+
+    tasks = level_grid(grid)
+    cost = net.cost(tasks, height, width)
+    state = net.mask_state(tasks)
+    reference = cresmd_flops(net.nf, net.nb, height, width, tasks=len(tasks))
+    maps = []
+    for entry, mask in zip(net.architecture["maps"], state.masks):
+        counts = mask.float().sum(dim=1)
+        maps.append({"name": entry["name"], "index": entry["index"], "shared": entry["shared"],
+                     "selection": entry["selection"], "channels": int(counts[0]) if entry["selection"] == "fixed" else None,
+                     "channels_mean": float(counts.mean()), "channels_min": int(counts.min()),
+                     "channels_max": int(counts.max()), "channels_full": net.nf})
+    convs = net.num_maps + 1
+    return {"tasks": len(tasks), "grid": grid, "height": height, "width": width, "shared_maps": net.shared_maps,
+            "num_maps": net.num_maps, "shared_layer_fraction": net.shared_maps / convs,
+            "flops_total": cost["total"], "flops_shared": cost["shared"],
+            "flops_per_inference": cost["total"] / len(tasks),
+            "cresmd_flops_per_inference": reference / len(tasks), "flops_ratio": cost["total"] / reference,
+            "parameters": sum(p.numel() for p in net.parameters()), "maps": maps}
+
+
+@dataclass
+class Derived:
+    """What :func:`derive_checkpoint` wrote."""
+
+    net: TASNet
+    ckpt_path: Path
+    json_path: Path
+    figure_path: Path | None
+    summary: dict
+
+
+def derive_checkpoint(search_ckpt: str | Path, out_dir: str | Path, grid: str | list = "cresmd27",
+                      height: int = HD[0], width: int = HD[1], figure: bool = True) -> Derived:
+    """Derive from a search checkpoint and write ``tasnet.ckpt``, ``architecture.json`` (and
+    ``architecture.png``) into ``out_dir``."""
+    from cirlab.utils.files import atomic_path
+
+    search_ckpt, out_dir = Path(search_ckpt), Path(out_dir)
+    net = derive(load_search_net(search_ckpt))
+    summary = summarize(net, grid, height, width)
+    meta = {"derived_from": str(search_ckpt), "summary": summary}
+    ckpt_path = net.save(out_dir / "tasnet.ckpt", meta=meta)
+    json_path = out_dir / "architecture.json"
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps({**net.architecture, "derived_from": str(search_ckpt), "summary": summary}, indent=1) + "\n")
+    figure_path = None
+    if figure:
+        import matplotlib.pyplot as plt
+
+        from cirlab.callbacks import save_figure_atomically
+        from cirlab.plots import architecture_figure
+
+        fig = architecture_figure(summary, title="derived TASNet")
+        figure_path = out_dir / "architecture.png"
+        save_figure_atomically(fig, figure_path)
+        plt.close(fig)
+    return Derived(net, ckpt_path, json_path, figure_path, summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``cirlab-derive``."""
+    parser = argparse.ArgumentParser(prog="cirlab-derive", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="TASNetSearch checkpoint (e.g. checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="output folder (tasnet.ckpt, architecture.json, architecture.png)")
+    parser.add_argument("--grid", default="cresmd27", help="task grid of the summary (cresmd27 or single)")
+    parser.add_argument("--height", type=int, default=HD[0], help="image height of the FLOPs summary")
+    parser.add_argument("--width", type=int, default=HD[1], help="image width of the FLOPs summary")
+    parser.add_argument("--no-figure", action="store_true", help="skip architecture.png")
+    args = parser.parse_args(argv)
+    try:
+        result = derive_checkpoint(args.ckpt, args.out, args.grid, args.height, args.width, figure=not args.no_figure)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"cirlab-derive: {error}", file=sys.stderr)
+        return 2
+    s = result.summary
+    print(f"derived TASNet: {s['shared_maps']}/{s['num_maps']} maps shared, {s['parameters']:,} parameters, "
+          f"{s['flops_per_inference'] / 1e9:.2f} GFLOPs per inference on {s['tasks']} tasks at {s['width']}x{s['height']} "
+          f"({100 * s['flops_ratio']:.1f}% of CResMD)")
+    print(f"checkpoint:   {result.ckpt_path}")
+    print(f"architecture: {result.json_path}")
+    if result.figure_path:
+        print(f"figure:       {result.figure_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

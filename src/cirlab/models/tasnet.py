@@ -1,0 +1,603 @@
+"""TASNet: the derived network of a TASNet search (METHOD.md section 3, "Derivation and
+fine-tuning"; TASNet section 3.1, Fig. 2b). A plain ``nn.Module``, no Lightning, and no use of
+the supernetwork classes: it builds itself from an *architecture* (a JSON-able dict, below) and
+loads its weights from a standalone checkpoint (:meth:`TASNet.save` / :meth:`TASNet.load`,
+``torch.load(weights_only=True)`` compatible).
+
+Feature maps
+------------
+The network has CResMD's layout and its ``N = 2 nb + 3`` searchable feature maps
+(:func:`cirlab.models.flops.searchable_maps`; JSON ``index`` n = 1..N, code uses k = n - 1):
+``conv_first``, per block ``inner`` (conv1) and ``out`` (conv2 + residual add), the shuffled
+``upconv`` output and ``HRconv``; ``conv_last`` (-> 3 channels) and ``global_scale`` follow.
+Each map is either
+
+* **shared** (the first ``shared_maps`` maps, phi = 1): a fixed channel list (the search's
+  task-agnostic channels). Its convolution is physically that small (weights sliced on the
+  output side, and on the input side wherever the input map is fixed too), runs once per image
+  and does not depend on the task vector: a block whose output map is shared scales its residual
+  by a learned vector ``agnostic_scale`` (the search's, sliced) instead of ``local_scale(t)``;
+* **task-specific** with ``selection: "controller"``: the search's controller h_n is kept and
+  picks the channels ``{c : h_n(t)_c > 0}`` per task; the convolution weights are stored at full
+  width ``nf`` and *sliced per task* (``index_select`` on rows and columns), so a switched-off
+  channel costs nothing;
+* **task-specific** with ``selection: "fixed"``: a fixed channel list (physically sliced) that
+  is still computed once per task (after the first task-dependent operation). CResMD itself
+  (:meth:`TASNet.from_cresmd`) and the naive-shared CResMDs (:func:`naive_shared`) use it.
+
+A channel that is off in map n is exactly zero in the search network, so slicing it away gives
+the same numbers (up to float summation order); an empty map gives zeros and the next conv
+returns its bias. Residual adds align the channel lists of the two maps (channels present only
+in the new map start from zero).
+
+Execution
+---------
+* :meth:`TASNet.restore` (one image, M task vectors): the shared prefix runs **once** (it is
+  task-agnostic), then the task-specific part runs per group of tasks whose controllers pick
+  identical channels everywhere (one batched pass per group; ``max_batch`` bounds the batch).
+* :meth:`TASNet.forward` (B images, B task vectors, training and evaluation): prefix on the B
+  images, then the task-specific part either sliced per group ("sliced", evaluation) or at full
+  width with the 0/1 channel masks multiplied in ("masked", training: one batched pass whatever
+  the mix of tasks; the values and gradients are those of the sliced execution).
+
+Controller decisions are computed in float32 with autocast disabled, so mixed precision never
+flips a channel decision.
+
+Architecture dict (``architecture.json`` has these keys plus an informative ``summary``)::
+
+    {"format": "cirlab.tasnet", "version": 1, "in_nc": 3, "nf": 64, "nb": 32, "cond_dim": 3,
+     "controller_hidden": 32, "shared_maps": S,
+     "maps": [{"index": 1, "name": "conv_first", "shared": true, "selection": "fixed",
+               "channels": [0, 3, ...]},
+              {"index": 9, "name": "recon_trunk.3.out", "shared": false, "selection": "controller",
+               "channels": null}, ...]}          # N entries, shared ones first
+
+Costs: :meth:`TASNet.flops` / :meth:`TASNet.cost` give the analytic convolution FLOPs of
+:meth:`TASNet.restore` for given tasks and image size (the convention of
+:mod:`cirlab.models.flops`: 2 FLOPs per MAC, convolutions only, shared prefix once).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cirlab.models.cresmd import CResMDNet, init_scaled_kaiming
+from cirlab.models.flops import MaskState, masked_flops, masked_flops_breakdown, searchable_maps
+
+FORMAT = "cirlab.tasnet"
+VERSION = 1
+SELECTIONS = ("fixed", "controller")
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (Hydra passes the architecture as a DictConfig)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return value
+
+
+def receptive_radius(nb: int) -> int:
+    """How far (pixels, full resolution) an output pixel of a CResMD-layout network sees.
+
+    ``conv_first`` (3x3, stride 2) reads +-1 pixel, each of the ``2 nb`` trunk convs and ``upconv``
+    +-1 half-resolution pixel (2 pixels), ``HRconv`` and ``conv_last`` +-1 pixel each, plus the
+    rounding of the stride-2 grid: ``4 nb + 6`` (134 for nb = 32). Tiles whose borders lie at
+    least this far from the pixels they keep reproduce the untiled output.
+    """
+    return 4 * nb + 6
+
+
+def make_architecture(nf: int, nb: int, cond_dim: int = 3, in_nc: int = 3, controller_hidden: int = 32,
+                      shared_maps: int = 0, channels: list[list[int] | None] | None = None) -> dict:
+    """An architecture dict (module docstring). ``channels[k]`` is the fixed channel list of map
+    k (None: a controller picks them per task; only allowed for task-specific maps); default:
+    every map fixed at all ``nf`` channels (CResMD with its first ``shared_maps`` maps shared)."""
+    specs = searchable_maps(nb, nf)
+    if channels is None:
+        channels = [list(range(nf))] * len(specs)
+    if len(channels) != len(specs):
+        raise ValueError(f"expected {len(specs)} channel entries (one per map), got {len(channels)}")
+    maps = []
+    for k, (spec, chosen) in enumerate(zip(specs, channels)):
+        shared = k < shared_maps
+        maps.append({"index": spec.index, "name": spec.name, "shared": shared,
+                     "selection": "controller" if chosen is None else "fixed",
+                     "channels": None if chosen is None else sorted(int(c) for c in chosen)})
+    arch = {"format": FORMAT, "version": VERSION, "in_nc": in_nc, "nf": nf, "nb": nb, "cond_dim": cond_dim,
+            "controller_hidden": controller_hidden, "shared_maps": shared_maps, "maps": maps}
+    return validate_architecture(arch)
+
+
+def validate_architecture(architecture: Mapping) -> dict:
+    """Check an architecture dict and return its core part (a deep copy, extra keys dropped)."""
+    arch = _plain(architecture)
+    if not isinstance(arch, Mapping):
+        raise ValueError(f"a TASNet architecture must be a dict, got {type(arch).__name__}")
+    if arch.get("format") != FORMAT:
+        raise ValueError(f"not a TASNet architecture (format {arch.get('format')!r}, expected {FORMAT!r})")
+    if int(arch.get("version", -1)) > VERSION:
+        raise ValueError(f"TASNet architecture version {arch.get('version')} is newer than this code ({VERSION})")
+    core = {key: arch[key] for key in ("in_nc", "nf", "nb", "cond_dim", "controller_hidden", "shared_maps")}
+    for key, value in core.items():
+        if not isinstance(value, int) or value < 0 or (key != "shared_maps" and value < 1):
+            raise ValueError(f"architecture.{key}={value!r} must be a positive integer")
+    nf, nb = core["nf"], core["nb"]
+    specs = searchable_maps(nb, nf)
+    maps = arch.get("maps")
+    if not isinstance(maps, (list, tuple)) or len(maps) != len(specs):
+        raise ValueError(f"architecture.maps must list the {len(specs)} maps of a CResMD with nb={nb}")
+    if core["shared_maps"] > len(specs):
+        raise ValueError(f"architecture.shared_maps={core['shared_maps']} exceeds the {len(specs)} maps")
+    clean = []
+    for k, (spec, entry) in enumerate(zip(specs, maps)):
+        where = f"architecture.maps[{k}] ({spec.name})"
+        shared, selection, chosen = bool(entry["shared"]), entry["selection"], entry.get("channels")
+        if shared != (k < core["shared_maps"]):
+            raise ValueError(f"{where}: shared={shared} but the first {core['shared_maps']} maps are the shared ones")
+        if selection not in SELECTIONS:
+            raise ValueError(f"{where}: selection {selection!r} must be one of {SELECTIONS}")
+        if selection == "controller":
+            if shared:
+                raise ValueError(f"{where}: a shared map has fixed channels, not a controller")
+            chosen = None
+        else:
+            if chosen is None:
+                raise ValueError(f"{where}: a fixed map needs its channel list")
+            chosen = [int(c) for c in chosen]
+            if sorted(set(chosen)) != chosen or any(c < 0 or c >= nf for c in chosen):
+                raise ValueError(f"{where}: channels must be distinct, sorted indices in 0..{nf - 1}")
+        clean.append({"index": spec.index, "name": spec.name, "shared": shared, "selection": selection, "channels": chosen})
+    return {"format": FORMAT, "version": VERSION, **core, "maps": clean}
+
+
+class TaskController(nn.Module):
+    """h_n: task vectors (M, cond_dim) -> channel importance (M, nf); channel c is on where > 0.
+    Same layout (``fc1``, ``fc2``) as the search's controllers, so their weights copy over."""
+
+    def __init__(self, cond_dim: int, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cond_dim, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, task: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(task)))
+
+
+class DerivedBlock(nn.Module):
+    """One residual block: ``conv1`` -> inner map, ``conv2`` + residual -> output map, scaled by
+    ``local_scale(t)`` (task-specific output) or ``agnostic_scale`` (shared output)."""
+
+    def __init__(self, in_ch: int, inner_ch: int, out_ch: int, cond_dim: int, shared_out: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, inner_ch, 3, 1, 1, bias=True)
+        self.conv2 = nn.Conv2d(inner_ch, out_ch, 3, 1, 1, bias=True)
+        if shared_out:
+            self.local_scale = None
+            self.agnostic_scale = nn.Parameter(torch.zeros(out_ch))
+        else:
+            self.local_scale = nn.Linear(cond_dim, out_ch, bias=True)
+            self.register_parameter("agnostic_scale", None)
+
+
+@dataclass
+class _Sel:
+    """How one map is held at run time: ``index`` physical channels to keep (None: all),
+    ``mask`` (B, C) 0/1 multiplier (masked execution) or None, ``logical`` the supernetwork
+    channel ids the tensor holds, in order."""
+
+    index: Tensor | None
+    mask: Tensor | None
+    logical: tuple[int, ...]
+
+
+def _pad_even(x: Tensor) -> Tensor:
+    height, width = x.shape[-2:]
+    if height % 2 or width % 2:
+        return F.pad(x, (0, width % 2, 0, height % 2), mode="replicate")
+    return x
+
+
+class TASNet(nn.Module):
+    """The derived TASNet (module docstring). Build with an architecture dict; weights come from
+    :meth:`load`, from the derivation (``cirlab.derive``) or from :meth:`from_cresmd`."""
+
+    def __init__(self, architecture: Mapping) -> None:
+        super().__init__()
+        arch = validate_architecture(architecture)
+        self.architecture = arch
+        self.in_nc, self.nf, self.nb, self.cond_dim = arch["in_nc"], arch["nf"], arch["nb"], arch["cond_dim"]
+        self.num_maps = 2 * self.nb + 3
+        self.shared_maps = arch["shared_maps"]
+        maps = arch["maps"]
+        self._fixed: list[tuple[int, ...] | None] = [
+            None if m["selection"] == "controller" else tuple(m["channels"]) for m in maps]
+        width = [self.nf if c is None else len(c) for c in self._fixed]
+        nb, cond_dim = self.nb, self.cond_dim
+        with warnings.catch_warnings():  # empty maps make zero-size weights ("no-op init" warning)
+            warnings.simplefilter("ignore", UserWarning)
+            self.conv_first = nn.Conv2d(self.in_nc, width[0], 3, 2, 1, bias=True)
+            self.recon_trunk = nn.ModuleList(
+                DerivedBlock(width[2 * i], width[2 * i + 1], width[2 * i + 2], cond_dim, maps[2 * i + 2]["shared"])
+                for i in range(nb))
+            self.upconv = nn.Conv2d(width[2 * nb], 4 * width[2 * nb + 1], 3, 1, 1, bias=True)
+            self.pixel_shuffle = nn.PixelShuffle(2)
+            self.HRconv = nn.Conv2d(width[2 * nb + 1], width[2 * nb + 2], 3, 1, 1, bias=True)
+            self.conv_last = nn.Conv2d(width[-1], self.in_nc, 3, 1, 1, bias=True)
+            self.global_scale = nn.Linear(cond_dim, self.in_nc, bias=True)
+            init_scaled_kaiming([self.conv_first, self.recon_trunk, self.upconv, self.HRconv, self.conv_last,
+                                 self.global_scale])
+        self.controllers = nn.ModuleDict({
+            str(k): TaskController(cond_dim, self.nf, arch["controller_hidden"])
+            for k, fixed in enumerate(self._fixed) if fixed is None})
+        self._controlled = [k for k, fixed in enumerate(self._fixed) if fixed is None]
+        self._index_cache: dict[tuple, Tensor] = {}
+        self.prefix_calls = 0  # how many times the shared prefix ran (tests, benchmarks)
+        self.execution = "auto"  # forward(): "auto" (masked in training, sliced in eval), "sliced", "masked"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_cresmd(cls, net: CResMDNet, shared_maps: int = 0, reference_task: Tensor | float = 0.5) -> TASNet:
+        """CResMD as a TASNet (every map fixed at full width), its first ``shared_maps`` maps
+        shared: a shared block is scaled by ``local_scale(reference_task)`` (naive sharing,
+        unconditioned). ``shared_maps=0`` computes exactly what ``net`` computes."""
+        arch = make_architecture(net.nf, net.nb, net.cond_dim, net.in_nc, shared_maps=shared_maps)
+        tasnet = cls(arch)
+        state = dict(net.state_dict())
+        reference = torch.as_tensor(reference_task, dtype=torch.float32).expand(1, net.cond_dim)
+        for i, block in enumerate(net.recon_trunk):
+            if tasnet.recon_trunk[i].local_scale is None:
+                del state[f"recon_trunk.{i}.local_scale.weight"], state[f"recon_trunk.{i}.local_scale.bias"]
+                with torch.no_grad():
+                    state[f"recon_trunk.{i}.agnostic_scale"] = block.local_scale(reference.to(block.local_scale.weight))[0]
+        tasnet.load_state_dict(state, strict=True)
+        return tasnet
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TASNet:
+        """A freshly initialised TASNet of the architecture in ``architecture.json``."""
+        import json
+
+        return cls(json.loads(Path(path).read_text()))
+
+    # ------------------------------------------------------------------ persistence
+    def checkpoint(self, meta: Mapping | None = None) -> dict:
+        """The standalone checkpoint: plain containers and tensors only (``weights_only`` loads it)."""
+        state = {key: value.detach().cpu().clone() for key, value in self.state_dict().items()}
+        return {"format": FORMAT, "version": VERSION, "architecture": copy.deepcopy(self.architecture),
+                "state_dict": state, "meta": dict(meta or {})}
+
+    def save(self, path: str | Path, meta: Mapping | None = None) -> Path:
+        """Write :meth:`checkpoint` atomically to ``path``."""
+        from cirlab.utils.files import atomic_path
+
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            torch.save(self.checkpoint(meta), tmp)
+        return path
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping) -> TASNet:
+        if checkpoint.get("format") != FORMAT:
+            raise ValueError(f"not a standalone TASNet checkpoint (format {checkpoint.get('format')!r})")
+        net = cls(checkpoint["architecture"])
+        net.load_state_dict(checkpoint["state_dict"], strict=True)
+        return net
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TASNet:
+        """Rebuild a TASNet from a file written by :meth:`save` (``weights_only=True``)."""
+        return cls.from_checkpoint(torch.load(path, map_location=map_location, weights_only=True))
+
+    # ------------------------------------------------------------------ description
+    def map_is_shared(self, k: int) -> bool:
+        return k < self.shared_maps
+
+    def receptive_radius(self) -> int:
+        return receptive_radius(self.nb)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nb={self.nb}, shared_maps={self.shared_maps}/{self.num_maps}, controllers={len(self.controllers)}"
+
+    # ------------------------------------------------------------------ selection
+    def channel_masks(self, tasks: Tensor) -> dict[int, Tensor]:
+        """{k: (M, nf) bool} for every controller map: channel c of map k is on for task m.
+        float32, autocast off: mixed precision never changes a decision."""
+        with torch.autocast(device_type=tasks.device.type, enabled=False):
+            tasks = tasks.float()
+            return {k: self.controllers[str(k)](tasks) > 0 for k in self._controlled}
+
+    def mask_state(self, tasks: Tensor) -> MaskState:
+        """The :class:`~cirlab.models.flops.MaskState` of the M tasks (for the FLOPs formulas)."""
+        count = tasks.shape[0]
+        masks = self.channel_masks(tasks)
+        rows = []
+        for k, fixed in enumerate(self._fixed):
+            if fixed is None:
+                rows.append(masks[k].cpu())
+            else:
+                row = torch.zeros(self.nf, dtype=torch.bool)
+                row[list(fixed)] = True
+                rows.append(row.expand(count, -1))
+        return MaskState(MaskState.prefix_phi(self.num_maps, self.shared_maps), rows)
+
+    def _tensor(self, values: tuple[int, ...], device: torch.device) -> Tensor:
+        key = (values, device)
+        cached = self._index_cache.get(key)
+        if cached is None:
+            cached = torch.tensor(values, dtype=torch.long, device=device)
+            if len(self._index_cache) > 4096:
+                self._index_cache.clear()
+            self._index_cache[key] = cached
+        return cached
+
+    def _fixed_sel(self, k: int) -> _Sel:
+        if k < 0:
+            return _Sel(None, None, tuple(range(self.in_nc)))
+        return _Sel(None, None, self._fixed[k])
+
+    def _groups(self, tasks: Tensor, masked: bool) -> list[tuple[Tensor | None, dict[int, _Sel]]]:
+        """Partition the rows of ``tasks`` into groups run as one batch, with each map's run-time
+        selection. ``masked``: one group, controller maps at full width times their masks."""
+        device = tasks.device
+        sels = {k: self._fixed_sel(k) for k in range(-1, self.num_maps) if k < 0 or self._fixed[k] is not None}
+        if not self._controlled:
+            return [(None, sels)]
+        masks = self.channel_masks(tasks)
+        if masked:
+            full = tuple(range(self.nf))
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tasks.dtype
+            sels.update({k: _Sel(None, masks[k].to(dtype), full) for k in self._controlled})
+            return [(None, sels)]
+        stacked = torch.cat([masks[k] for k in self._controlled], dim=1).to(torch.uint8).cpu()
+        unique, inverse = torch.unique(stacked, dim=0, return_inverse=True)
+        if unique.shape[0] == 1:
+            rows_list = [None]
+        else:
+            rows_list = [torch.nonzero(inverse == g).flatten().to(device) for g in range(unique.shape[0])]
+        groups = []
+        for g, rows in enumerate(rows_list):
+            group_sels = dict(sels)
+            for j, k in enumerate(self._controlled):
+                on = tuple(torch.nonzero(unique[g, j * self.nf:(j + 1) * self.nf]).flatten().tolist())
+                group_sels[k] = _Sel(self._tensor(on, device), None, on)
+            groups.append((rows, group_sels))
+        return groups
+
+    # ------------------------------------------------------------------ primitives
+    def _conv(self, conv: nn.Conv2d, x: Tensor, out_index: Tensor | None, in_index: Tensor | None) -> Tensor:
+        """``conv`` restricted to output rows ``out_index`` and input columns ``in_index`` (None:
+        all physical ones); ``x`` holds exactly the kept input channels. No output rows: an
+        empty tensor; no input channels: the bias (the dense conv of an all-zero input)."""
+        batch, _, height, width = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+        out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        rows = conv.weight.shape[0] if out_index is None else out_index.numel()
+        if rows == 0:
+            return x.new_zeros(batch, 0, out_h, out_w)
+        if x.shape[1] == 0:
+            bias = conv.bias if out_index is None else conv.bias.index_select(0, out_index)
+            return bias.to(x.dtype).view(1, -1, 1, 1).expand(batch, -1, out_h, out_w)
+        if out_index is None and in_index is None:
+            return conv(x)  # the module itself: hooks see every unsliced conv
+        weight, bias = conv.weight, conv.bias
+        if out_index is not None:
+            weight, bias = weight.index_select(0, out_index), bias.index_select(0, out_index)
+        if in_index is not None:
+            weight = weight.index_select(1, in_index)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding)
+
+    def _align(self, x: Tensor, have: tuple[int, ...], want: tuple[int, ...]) -> Tensor:
+        """The channels ``want`` of a map whose tensor ``x`` holds channels ``have`` (absent: 0)."""
+        if have == want:
+            return x
+        position = {c: p for p, c in enumerate(have)}
+        present = [(p, position[c]) for p, c in enumerate(want) if c in position]
+        if len(present) == len(want):
+            return x.index_select(1, self._tensor(tuple(src for _, src in present), x.device))
+        out = x.new_zeros(x.shape[0], len(want), *x.shape[2:])
+        if present:
+            dst = self._tensor(tuple(d for d, _ in present), x.device)
+            src = self._tensor(tuple(s for _, s in present), x.device)
+            out = out.index_copy(1, dst, x.index_select(1, src))
+        return out
+
+    def _produce(self, k: int, values: dict[int, Tensor], sels: dict[int, _Sel], cond: Tensor | None) -> Tensor:
+        """Map k from the maps before it."""
+        sel, prev = sels[k], sels[k - 1]
+        x = values[k - 1]
+        nb = self.nb
+        if k == 0:
+            y = self._conv(self.conv_first, x, sel.index, None)
+        elif k <= 2 * nb:
+            block = self.recon_trunk[(k - 1) // 2]
+            if k % 2 == 1:
+                y = F.relu(self._conv(block.conv1, x, sel.index, prev.index))
+            else:
+                residual = self._conv(block.conv2, x, sel.index, prev.index)
+                if block.local_scale is None:
+                    scale = block.agnostic_scale[None]
+                elif sel.index is None:
+                    scale = block.local_scale(cond)
+                else:
+                    scale = F.linear(cond, block.local_scale.weight.index_select(0, sel.index),
+                                     block.local_scale.bias.index_select(0, sel.index))
+                # the conv output first: the sum keeps its memory format (channels_last stays so)
+                y = residual * scale[:, :, None, None] + self._align(values[k - 2], sels[k - 2].logical, sel.logical)
+        elif k == 2 * nb + 1:
+            rows = None
+            if sel.index is not None:
+                rows = (4 * sel.index[:, None] + torch.arange(4, device=sel.index.device)).reshape(-1)
+            y = F.relu(self.pixel_shuffle(self._conv(self.upconv, x, rows, prev.index)))
+        else:
+            y = F.relu(self._conv(self.HRconv, x, sel.index, prev.index))
+        if sel.mask is not None:
+            y = y * sel.mask[:, :, None, None]
+        return y
+
+    # ------------------------------------------------------------------ the two parts
+    def run_prefix(self, padded: Tensor) -> dict[int, Tensor]:
+        """The shared prefix on even-sized images (B, in_nc, H, W): the last two shared maps
+        (what the task-specific part reads), plus ``"y"`` (conv_last's output) when every map
+        is shared. Task vectors play no part. Counted in ``prefix_calls``."""
+        self.prefix_calls += 1
+        values: dict[Any, Tensor] = {-1: padded}
+        sels = {k: self._fixed_sel(k) for k in range(-1, self.shared_maps)}
+        for k in range(self.shared_maps):
+            values[k] = self._produce(k, values, sels, None)
+            values.pop(k - 2, None)
+        if self.shared_maps == self.num_maps:
+            values["y"] = self._conv(self.conv_last, values[self.num_maps - 1], None, None)
+        values.pop(-1, None)
+        return values
+
+    def run_specific(self, prefix: dict, padded: Tensor, cond: Tensor, sels: dict[int, _Sel]) -> Tensor:
+        """The task-specific part for a batch: ``prefix`` from :meth:`run_prefix` (batch 1 or
+        B), ``padded`` the images (batch 1 or B), ``cond`` (B, cond_dim) -> (B, 3, H, W)."""
+        batch = cond.shape[0]
+
+        def rows(t: Tensor) -> Tensor:
+            if t.shape[0] != 1 or batch == 1:
+                return t
+            if t.ndim == 4 and t.shape[1] > 1 and t.is_contiguous(memory_format=torch.channels_last):
+                return t.expand(batch, *t.shape[1:]).contiguous(memory_format=torch.channels_last)
+            return t.expand(batch, *t.shape[1:])
+
+        values: dict[Any, Tensor] = {k: rows(v) for k, v in prefix.items() if k != "y"}
+        values[-1] = rows(padded)
+        y = prefix.get("y")
+        if y is None:
+            for k in range(self.shared_maps, self.num_maps):
+                values[k] = self._produce(k, values, sels, cond)
+                if k - 2 >= 0:
+                    values.pop(k - 2, None)
+            y = self._conv(self.conv_last, values[self.num_maps - 1], None, sels[self.num_maps - 1].index)
+        else:
+            y = rows(y)
+        return values[-1] + y * self.global_scale(cond)[:, :, None, None]
+
+    # ------------------------------------------------------------------ public calls
+    def _check_input(self, x: Tensor, cond: Tensor, pairs: bool) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_nc:
+            raise ValueError(f"expected images of shape (B, {self.in_nc}, H, W), got {tuple(x.shape)}")
+        if cond.ndim != 2 or cond.shape[1] != self.cond_dim or (pairs and cond.shape[0] != x.shape[0]):
+            size = x.shape[0] if pairs else "M"
+            raise ValueError(f"expected task vectors of shape ({size}, {self.cond_dim}), got {tuple(cond.shape)}")
+
+    def forward(self, x: Tensor, task: Tensor) -> Tensor:
+        """Restore images x (B, 3, H, W) under their own task vectors (B, cond_dim) -> (B, 3, H, W),
+        not clamped; any H, W (odd sizes are padded, replicate, and cropped back)."""
+        self._check_input(x, task, pairs=True)
+        height, width = x.shape[-2:]
+        padded = _pad_even(x)
+        masked = self.execution == "masked" or (self.execution == "auto" and self.training)
+        prefix = self.run_prefix(padded)
+        groups = self._groups(task, masked)
+        if len(groups) == 1:
+            out = self.run_specific(prefix, padded, task, groups[0][1])
+        else:
+            out = padded.new_empty(padded.shape[0], self.in_nc, *padded.shape[2:])
+            for rows, sels in groups:
+                part = {k: v.index_select(0, rows) for k, v in prefix.items()}
+                result = self.run_specific(part, padded.index_select(0, rows), task.index_select(0, rows), sels)
+                out = out.index_copy(0, rows, result.to(out.dtype))
+        return out[..., :height, :width]
+
+    def restore(self, image: Tensor, tasks: Tensor, max_batch: int | None = None) -> Tensor:
+        """One image (3, H, W) or (1, 3, H, W) under M task vectors (M, cond_dim) -> (M, 3, H, W).
+
+        The shared prefix runs once; the task-specific part once per group of tasks with the
+        same channels (batched, at most ``max_batch`` tasks per pass), with sliced weights.
+        Not clamped. For tiling and mixed precision use :func:`cirlab.restore.restore`.
+        """
+        image = image[None] if image.ndim == 3 else image
+        if image.shape[0] != 1:
+            raise ValueError(f"restore() takes one image; got a batch of {image.shape[0]}")
+        self._check_input(image, tasks, pairs=False)
+        height, width = image.shape[-2:]
+        padded = _pad_even(image)
+        prefix = self.run_prefix(padded)
+        count = tasks.shape[0]
+        out = None
+        for rows, sels in self._groups(tasks, masked=False):
+            rows = torch.arange(count, device=tasks.device) if rows is None else rows
+            for chunk in rows.split(max_batch or count):
+                result = self.run_specific(prefix, padded, tasks.index_select(0, chunk), sels)
+                if out is None:
+                    out = result.new_empty(count, *result.shape[1:])
+                out[chunk] = result
+        return out[..., :height, :width]
+
+    # ------------------------------------------------------------------ costs
+    def _prefix_modules(self) -> set[str]:
+        names = {spec.module for spec in searchable_maps(self.nb, self.nf)[: self.shared_maps]}
+        return names | ({"conv_last"} if self.shared_maps == self.num_maps else set())
+
+    def flops(self, tasks: Tensor, height: int, width: int) -> int:
+        """Convolution FLOPs of :meth:`restore` for one (height x width) image and these M task
+        vectors: shared prefix once, task-specific part per task (cirlab.models.flops convention)."""
+        with torch.no_grad():
+            state = self.mask_state(tasks)
+        return int(masked_flops(state, self.nf, self.nb, height, width, self.in_nc, self.in_nc))
+
+    def cost(self, tasks: Tensor, height: int, width: int) -> dict:
+        """FLOPs split as TASNet's eq. 2: ``{"shared": prefix once, "per_task": [M ints],
+        "total": shared + sum(per_task)}`` (equals :meth:`flops`)."""
+        with torch.no_grad():
+            state = self.mask_state(tasks)
+        prefix = self._prefix_modules()
+        per_task, shared = [], 0
+        for m in range(state.num_tasks):
+            single = MaskState(state.phi, [mask[m : m + 1] for mask in state.masks])
+            parts = masked_flops_breakdown(single, self.nf, self.nb, height, width, self.in_nc, self.in_nc)
+            per_task.append(int(sum(int(v) for name, v in parts.items() if name not in prefix)))
+            shared = int(sum(int(v) for name, v in parts.items() if name in prefix))
+        return {"shared": shared, "per_task": per_task, "total": shared + sum(per_task)}
+
+
+def naive_shared(nf: int = 64, nb: int = 32, cond_dim: int = 3, in_nc: int = 3, out_nc: int = 3,
+                 shared_fraction: float = 0.0, shared_maps: int | None = None,
+                 reference_task: float = 0.5) -> TASNet:
+    """CResMD with its first layers naively shared (TASNet Table 4), freshly initialised.
+
+    ``shared_fraction`` counts CResMD's ``2 nb + 4`` convolutions (``conv_first``, the trunk,
+    ``upconv``, ``HRconv``, ``conv_last``): the first ``round(fraction * (2 nb + 4))`` maps are
+    shared, at most all ``2 nb + 3`` (``conv_last`` then runs once and only ``global_scale(t)``
+    stays per task). For nb = 32: 31% -> 21, 62% -> 42, 99% -> 67 maps. Shared blocks are
+    unconditioned: scaled by a learned vector, initialised like CResMD's ``local_scale`` at
+    ``t = reference_task``. Usable as a Hydra ``_target_`` (``model.net``).
+    """
+    if in_nc != out_nc:
+        raise ValueError(f"in_nc={in_nc} must equal out_nc={out_nc}")
+    maps = 2 * nb + 3
+    if shared_maps is None:
+        if not 0.0 <= shared_fraction <= 1.0:
+            raise ValueError(f"model.net.shared_fraction={shared_fraction} must be in [0, 1]")
+        shared_maps = min(maps, math.floor(shared_fraction * (maps + 1) + 0.5))
+    net = TASNet(make_architecture(nf, nb, cond_dim, in_nc, shared_maps=shared_maps))
+    reference = torch.full((1, cond_dim), float(reference_task))
+    with torch.no_grad():
+        for block in net.recon_trunk:
+            if block.agnostic_scale is not None:
+                fresh = nn.Linear(cond_dim, nf)
+                init_scaled_kaiming([fresh])
+                block.agnostic_scale.copy_(fresh(reference)[0, : block.agnostic_scale.numel()])
+    return net
+
+
+__all__ = ["FORMAT", "TASNet", "TaskController", "make_architecture", "naive_shared", "receptive_radius",
+           "validate_architecture"]

@@ -1,0 +1,177 @@
+"""Derivation of a TASNet from a search state: equal outputs, physically smaller shared convs,
+a standalone checkpoint that reloads without the supernetwork code, the cirlab-derive command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cirlab.data.evalsets import level_grid
+from cirlab.derive import derive, derive_checkpoint, main
+from cirlab.models.tasnet import TASNet, naive_shared
+from tasnet_testing import N_MAPS, NB, NF, fake_search_checkpoint, search_state
+
+# (shared maps, whole shared map off, whole task-specific map off): every cut of the prefix
+# (inside a block, at a block output, in the tail, all, none) and empty maps on both sides.
+STATES = [(s, None, None) for s in range(N_MAPS + 1)] + [
+    (0, None, 0), (0, None, 3), (1, 0, 6), (2, 1, 2), (3, 2, 3), (4, 0, 5), (5, 3, 6), (6, 5, None), (7, 4, None),
+]
+
+
+@pytest.mark.parametrize(("shared", "empty_shared", "empty_specific"), STATES)
+def test_derived_network_equals_the_masked_search_network(shared, empty_shared, empty_specific):
+    search = search_state(shared, seed=shared, empty_shared=empty_shared, empty_specific=empty_specific)
+    net = derive(search)
+    x, task = torch.rand(6, 3, 13, 18), torch.rand(6, 3)  # odd height
+    task[0] = 0.0
+    with torch.no_grad():
+        result = search.search_forward(x, task)
+        expected = result.output
+        sliced = net(x, task)  # eval: per-group sliced execution
+        net.train()
+        masked = net(x, task)  # training: full width times the masks
+        net.eval()
+        restored = net.restore(x[0], task)
+        expected_one = search.search_forward(x[:1].expand(6, -1, -1, -1), task).output
+    assert torch.allclose(sliced, expected, atol=1e-5, rtol=0)
+    assert torch.allclose(masked, expected, atol=1e-5, rtol=0)
+    assert torch.allclose(restored, expected_one, atol=1e-5, rtol=0)
+    # the derived state is what the search applied: the same channels per map and task
+    state = net.mask_state(task)
+    for applied, derived in zip(result.masks, state.masks):
+        assert torch.equal(applied.bool(), derived)
+    # some channels are off, and differ across tasks where a controller decides
+    specific = [m for k, m in enumerate(state.masks) if k >= shared]
+    assert not all(bool(m.all()) for m in state.masks)
+    if specific and empty_specific is None:
+        assert any(not bool((m == m[:1]).all()) for m in specific)
+
+
+@pytest.mark.parametrize("shared", [0, 3])
+def test_masked_training_execution_has_the_gradients_of_the_sliced_one(shared):
+    net = derive(search_state(shared, seed=20 + shared))
+    x, task, target = torch.rand(4, 3, 14, 14), torch.rand(4, 3), torch.rand(4, 3, 14, 14)
+    grads = {}
+    for execution in ("sliced", "masked"):
+        net.zero_grad()
+        net.execution = execution
+        torch.nn.functional.l1_loss(net(x, task), target).backward()
+        grads[execution] = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+    assert grads["sliced"].keys() == grads["masked"].keys() and not any(k.startswith("controllers") for k in grads["sliced"])
+    for key, grad in grads["sliced"].items():
+        assert torch.allclose(grads["masked"][key], grad, atol=1e-5), key
+
+
+def test_shared_prefix_is_physically_sliced_and_controllers_only_where_task_specific():
+    search = search_state(4, seed=3)
+    net = derive(search)
+    kept = [torch.nonzero(search.z_agnostic[k] > 0).flatten().tolist() for k in range(4)]
+    assert net.conv_first.weight.shape == (len(kept[0]), 3, 3, 3)
+    assert net.recon_trunk[0].conv1.weight.shape == (len(kept[1]), len(kept[0]), 3, 3)
+    assert net.recon_trunk[0].conv2.weight.shape == (len(kept[2]), len(kept[1]), 3, 3)
+    assert net.recon_trunk[0].local_scale is None and net.recon_trunk[0].agnostic_scale.shape == (len(kept[2]),)
+    assert net.recon_trunk[1].conv1.weight.shape == (len(kept[3]), len(kept[2]), 3, 3)
+    # first task-specific conv: full output width, input sliced to the shared map
+    assert net.recon_trunk[1].conv2.weight.shape == (NF, len(kept[3]), 3, 3)
+    assert net.recon_trunk[1].local_scale.weight.shape == (NF, 3)
+    assert sorted(net.controllers.keys()) == [str(k) for k in range(4, N_MAPS)]
+    assert [m["channels"] for m in net.architecture["maps"][:4]] == kept
+    assert all(m["selection"] == "controller" for m in net.architecture["maps"][4:])
+    params = sum(p.numel() for p in net.parameters())
+    assert params < sum(p.numel() for p in search.parameters())
+
+
+def test_derivation_needs_a_prefix_phi_and_a_started_ema():
+    search = search_state(3)
+    search.ema_started.fill_(False)
+    with pytest.raises(ValueError, match="z_agnostic"):
+        derive(search)
+    search = search_state(3)
+    search.phi[1] = False
+    with pytest.raises(ValueError, match="prefix"):
+        derive(search)
+
+
+def test_derived_checkpoint_reloads_standalone_and_gives_identical_output(tmp_path):
+    search = search_state(3, seed=5, empty_specific=5)
+    fake_search_checkpoint(search, tmp_path / "search.ckpt")
+    result = derive_checkpoint(tmp_path / "search.ckpt", tmp_path / "derived", grid="single", height=64, width=96)
+    raw = torch.load(result.ckpt_path, map_location="cpu", weights_only=True)  # plain containers only
+    assert raw["format"] == "cirlab.tasnet" and raw["meta"]["derived_from"].endswith("search.ckpt")
+    x, task = torch.rand(4, 3, 20, 22), torch.rand(4, 3)
+    with torch.no_grad():
+        expected = search.search_forward(x, task).output
+        reloaded = TASNet.load(result.ckpt_path)
+        assert torch.allclose(reloaded(x, task), result.net(x, task), atol=1e-6, rtol=0)  # kernels may round differently
+        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), result.net.state_dict().values()))
+        assert torch.allclose(reloaded(x, task), expected, atol=1e-5, rtol=0)
+    arch = json.loads(result.json_path.read_text())
+    assert arch["shared_maps"] == 3 and len(arch["maps"]) == N_MAPS
+    summary = arch["summary"]
+    assert summary["tasks"] == 7 and summary["maps"][5]["channels_max"] == 0  # the switched-off map
+    assert summary["flops_total"] == result.net.flops(level_grid("single"), 64, 96)
+    assert 0 < summary["flops_ratio"] < 1
+    # the JSON alone rebuilds the same network (fresh weights, same shapes)
+    rebuilt = TASNet.from_json(result.json_path)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in reloaded.state_dict().items()}
+    assert result.figure_path.stat().st_size > 5_000
+
+
+def test_loading_a_derived_checkpoint_does_not_touch_the_search_code(tmp_path):
+    net = derive(search_state(2, seed=1))
+    path = net.save(tmp_path / "tasnet.ckpt")
+    code = ("import sys, torch; from cirlab.models.tasnet import TASNet; net = TASNet.load(sys.argv[1]); "
+            "net(torch.rand(1, 3, 8, 8), torch.rand(1, 3)); "
+            "assert not any(m.startswith(('cirlab.models.search', 'cirlab.models.sliced', 'cirlab.modules')) "
+            "for m in sys.modules), sorted(m for m in sys.modules if m.startswith('cirlab'))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_cirlab_derive_command(tmp_path, capsys):
+    fake_search_checkpoint(search_state(2, seed=2), tmp_path / "search.ckpt")
+    assert main(["--ckpt", str(tmp_path / "search.ckpt"), "--out", str(tmp_path / "out"), "--no-figure"]) == 0
+    printed = capsys.readouterr().out
+    assert "2/7 maps shared" in printed and "tasnet.ckpt" in printed
+    assert (tmp_path / "out" / "tasnet.ckpt").is_file() and (tmp_path / "out" / "architecture.json").is_file()
+    assert main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["--ckpt", str(tmp_path / "out" / "tasnet.ckpt"), "--out", str(tmp_path / "x")]) == 2
+    assert "already a derived" in capsys.readouterr().err
+
+
+def test_cresmd_as_a_tasnet_and_naive_sharing():
+    from cirlab.models.cresmd import CResMDNet
+
+    torch.manual_seed(0)
+    cresmd = CResMDNet(nf=NF, nb=NB).eval()
+    x, task = torch.rand(3, 3, 15, 16), torch.rand(3, 3)
+    with torch.no_grad():
+        assert torch.allclose(TASNet.from_cresmd(cresmd)(x, task), cresmd(x, task), atol=1e-6)
+        shared = TASNet.from_cresmd(cresmd, shared_maps=4)
+        out = shared.restore(x[0], task)
+    # shared prefix: the block outputs inside it use local_scale(0.5), not the task's
+    assert shared.recon_trunk[0].local_scale is None and shared.recon_trunk[1].local_scale is not None
+    assert out.shape == (3, 3, 15, 16)
+    for fraction, maps in ((0.31, 2), (0.62, 5), (0.99, 7)):  # nb=2: 8 convolutions
+        assert naive_shared(nf=NF, nb=NB, shared_fraction=fraction).shared_maps == maps
+    for fraction, maps in ((0.31, 21), (0.62, 42), (0.99, 67)):  # the reference depth (68 convolutions)
+        net = naive_shared(nf=2, nb=32, shared_fraction=fraction)
+        assert net.shared_maps == maps and len(net.controllers) == 0
+
+
+def test_architecture_validation_names_the_problem():
+    net = derive(search_state(2))
+    arch = json.loads(json.dumps(net.architecture))
+    arch["maps"][3]["shared"] = True
+    with pytest.raises(ValueError, match="maps\\[3\\]"):
+        TASNet(arch)
+    arch = json.loads(json.dumps(net.architecture))
+    arch["maps"][0]["channels"] = [3, 1]
+    with pytest.raises(ValueError, match="sorted"):
+        TASNet(arch)
+    with pytest.raises(ValueError, match="format"):
+        TASNet({**net.architecture, "format": "other"})
