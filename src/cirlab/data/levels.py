@@ -1,0 +1,370 @@
+"""Single-type degradation tasks at scalar levels (HyperRes): denoising, DeJPEG, super-resolution.
+
+HyperRes (METHOD.md section 5) restores one degradation type at a time, at a scalar level:
+
+=========  ================  ===================  ==================  ===============  =======
+task       level             training levels (k)  sweep (evaluation)  test set         metric
+=========  ================  ===================  ==================  ===============  =======
+denoise    noise sigma       15, 35, 55, 75       5, 10, ..., 90      CBSD68           RGB
+dejpeg     JPEG quality q    10, 30, 50, 80       10, 20, ..., 80     LIVE1            Y
+sr         scale s           2, 3, 4, 5           2, 3, 4, 5, 6       Set5             Y
+=========  ================  ===================  ==================  ===============  =======
+
+The network sees the normalised level c = level / ``level_scale`` (255 for every task, as the
+reference). :func:`degrade_level` makes the degraded image (uint8 in, uint8 out):
+
+* ``denoise``: ``clean + sigma / 255 * n`` with n standard normal, then rounded and clipped to
+  uint8 (``quantize_uint8``). [choice] Rounding, as the rest of this suite; the reference's
+  generator truncates (``astype(uint8)``). Sigma may exceed the CResMD range of
+  ``add_gaussian_noise`` (50), so the addition is done here.
+* ``dejpeg``: real JPEG at quality q (``jpeg_roundtrip``: libjpeg via torchvision, 4:2:0), q
+  an integer in [10, 100].
+* ``sr``: bicubic down to ``round(H / s) x round(W / s)``, rounded to uint8, then bicubic back up
+  to ``H x W`` and rounded again; the network restores the upsampled image. Bicubic is PyTorch's
+  (a = -0.75 and no antialiasing, the kernel of OpenCV's ``INTER_CUBIC`` that the reference's
+  generator uses).
+
+[choice] Every task trains and restores RGB (the 2,588,483-parameter RGB model); the DeJPEG and
+SR tables score the BT.601 Y channel of the RGB output, as the paper's tables. The reference's
+README trains its DeJPEG model on luminance only; that variant is not provided here.
+
+Training (:class:`LevelDataModule`): the crop machinery of
+:class:`~cirlab.data.datamodule.RestorationDataModule` (workers cut clean crops keyed by sample
+id; the stream is a function of seed, batch index and rank, so resumed runs continue it). In
+``on_after_batch_transfer`` each batch of clean crops is degraded at every one of the k training
+levels: the batch becomes ``inputs`` (k, B, 3, P, P), ``target`` (B, 3, P, P) (the same crops,
+same flips, for every level) and ``levels`` (k, 1), the normalised levels. [choice] The
+degradation is synthesised on the crop (the reference degrades whole images once and crops
+them): bicubic and JPEG border effects at the crop edges differ slightly, and each step sees
+new noise.
+
+Evaluation: :func:`build_level_set` makes a deterministic set (every image of a folder at every
+level; image i at level L uses a generator seeded from (seed, i, L), so adding a level changes
+no other input) cached on disk like :mod:`cirlab.data.evalsets`; :func:`iter_level_images` makes
+the same inputs image by image without caching (the evaluation sweep of ``cirlab.hyperres_eval``).
+Images are cropped to even size (the networks run their trunk at half resolution).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cirlab.data.datamodule import _ID_STRIDE, RestorationDataModule
+from cirlab.data.degradations import jpeg_roundtrip, quantize_uint8
+from cirlab.utils.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LevelTask:
+    """One single-type restoration task: its level, defaults and conventions."""
+
+    name: str
+    unit: str
+    prefix: str
+    train_levels: tuple[float, ...]
+    sweep_levels: tuple[float, ...]
+    channel: str
+    test_set: str
+    low: float
+    high: float
+    integer: bool = False
+
+    def label(self, level: float) -> str:
+        """Readable name of a level, e.g. ``sigma15``, ``q30``, ``x2``."""
+        return f"{self.prefix}{float(level):g}"
+
+    def check(self, levels: Sequence[float], key: str) -> list[float]:
+        values = [float(v) for v in levels]
+        if not values:
+            raise ValueError(f"{key} must hold at least one level")
+        for value in values:
+            if not self.low <= value <= self.high or (self.integer and value != int(value)):
+                kind = "an integer" if self.integer else "a number"
+                raise ValueError(f"{key}: {self.unit}={value:g} must be {kind} in [{self.low:g}, {self.high:g}] for task {self.name!r}")
+        return values
+
+
+TASKS: dict[str, LevelTask] = {
+    "denoise": LevelTask("denoise", "noise sigma (0..255 scale)", "sigma", (15, 35, 55, 75), tuple(range(5, 95, 5)),
+                         "rgb", "CBSD68", 0.0, 255.0),
+    "dejpeg": LevelTask("dejpeg", "JPEG quality", "q", (10, 30, 50, 80), tuple(range(10, 90, 10)), "y", "LIVE1",
+                        10.0, 100.0, integer=True),
+    "sr": LevelTask("sr", "scale factor", "x", (2, 3, 4, 5), (2, 3, 4, 5, 6), "y", "Set5", 1.0, 16.0),
+}
+
+
+def get_task(name: str) -> LevelTask:
+    if name not in TASKS:
+        raise ValueError(f"data.task={name!r} is unknown; use one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def _bicubic_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    return quantize_uint8(F.interpolate(x.float().div(255), size=size, mode="bicubic", align_corners=False))
+
+
+def degrade_level(clean: Tensor, task: str, level: float, generator: torch.Generator | None = None) -> Tensor:
+    """Degrade a uint8 batch ``clean`` (B, 3, H, W) at one ``level`` of ``task``; returns uint8 (B, 3, H, W).
+
+    ``generator`` (on ``clean``'s device) draws the noise field of ``denoise``; the other tasks
+    are deterministic. See the module docstring for each task.
+    """
+    spec = get_task(task)
+    (level,) = spec.check([level], f"{task} level")
+    if clean.dtype != torch.uint8 or clean.ndim != 4 or clean.shape[1] != 3:
+        raise ValueError(f"clean must be a uint8 (B, 3, H, W) tensor, got {clean.dtype} {tuple(clean.shape)}")
+    if task == "denoise":
+        x = clean.float().div(255)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return quantize_uint8(x.add_(noise, alpha=level / 255.0))
+    if task == "dejpeg":
+        return jpeg_roundtrip(clean, int(level))
+    height, width = clean.shape[-2:]
+    small = (max(1, round(height / level)), max(1, round(width / level)))
+    return _bicubic_resize(_bicubic_resize(clean, small), (height, width))
+
+
+def level_seed(seed: int, index: int, level: float) -> int:
+    """The generator seed of image ``index`` at ``level`` in an evaluation set."""
+    digest = hashlib.sha256(f"{seed}/{index}/{float(level)!r}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _center_crop(image: Tensor, size: int | None) -> Tensor:
+    if not size:
+        return image
+    h, w = image.shape[-2:]
+    size_h, size_w = min(size, h) // 2 * 2, min(size, w) // 2 * 2
+    top, left = (h - size_h) // 2, (w - size_w) // 2
+    return image[..., top : top + size_h, left : left + size_w]
+
+
+def degrade_image_levels(image: Tensor, task: str, levels: Sequence[float], seed: int, index: int) -> Tensor:
+    """Image ``index`` (uint8 (3, H, W)) at every level: uint8 (G, 3, H, W), deterministic."""
+    out = []
+    for level in levels:
+        generator = torch.Generator(device=image.device).manual_seed(level_seed(seed, index, level))
+        out.append(degrade_level(image[None], task, level, generator)[0])
+    return torch.stack(out)
+
+
+@dataclass
+class LevelSetSpec:
+    """What a level evaluation set is made of; every field but ``on_bad``/``config_key`` enters the cache key."""
+
+    folder: str
+    task: str
+    levels: Sequence[float]
+    max_images: int | None = None
+    crop: int | None = None
+    seed: int = 0
+    on_bad: str = "error"
+    config_key: str = "data.val_dir"
+
+
+def _paths(spec: LevelSetSpec) -> list[Path]:
+    from cirlab.data.images import scan_folder
+
+    paths = scan_folder(spec.folder, on_bad=spec.on_bad, config_key=spec.config_key)
+    return paths[: spec.max_images] if spec.max_images is not None else paths
+
+
+def iter_level_images(spec: LevelSetSpec, paths: list[Path] | None = None) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """Yield ``(name, clean uint8 (3, H, W), inputs uint8 (G, 3, H, W))`` image by image, uncached."""
+    from cirlab.data.images import crop_to_multiple, load_image
+
+    levels = get_task(spec.task).check(spec.levels, f"{spec.config_key} levels")
+    for index, path in enumerate(paths if paths is not None else _paths(spec)):
+        image = _center_crop(crop_to_multiple(load_image(path), 2), spec.crop).contiguous()
+        yield path.name, image, degrade_image_levels(image, spec.task, levels, spec.seed, index)
+
+
+def build_level_set(spec: LevelSetSpec, cache_dir: str | Path | None, progress: bool = True) -> dict:
+    """Generate (or load from ``cache_dir``) the level set of ``spec``.
+
+    Returns ``names``, ``clean`` (list of uint8 (3, H, W)), ``inputs`` (list of uint8 (G, 3, H, W)),
+    ``levels`` ((G,) float64, physical) and ``task``.
+    """
+    paths = _paths(spec)
+    levels = get_task(spec.task).check(spec.levels, f"{spec.config_key} levels")
+    meta = {"version": FORMAT_VERSION, "task": spec.task, "levels": levels, "max_images": spec.max_images,
+            "crop": spec.crop, "seed": spec.seed,
+            "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in paths]}
+    key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    cache_file = Path(cache_dir) / f"{Path(spec.folder).name}-{spec.task}{len(levels)}-{key}.pt" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        return torch.load(cache_file, weights_only=True)
+    from tqdm.auto import tqdm
+
+    names, clean, inputs = [], [], []
+    for name, image, degraded in tqdm(iter_level_images(spec, paths), total=len(paths), disable=not progress,
+                                      desc=f"generating {Path(spec.folder).name} x {len(levels)} {spec.task} levels"):
+        names.append(name)
+        clean.append(image)
+        inputs.append(degraded)
+    data = {"names": names, "clean": clean, "inputs": inputs, "levels": torch.tensor(levels, dtype=torch.float64),
+            "task": spec.task}
+    if cache_file is not None:
+        with atomic_path(cache_file) as tmp:
+            torch.save(data, tmp)
+    return data
+
+
+class LevelSetDataset(Dataset):
+    """One item per image, all its levels at once: ``input`` (G, 3, H, W) float in [0, 1],
+    ``target`` (G, 3, H, W), ``level`` (G, 1) normalised (level / ``level_scale``),
+    ``grid_index`` (G,) and ``image_index`` (G,). Use with ``batch_size=None``."""
+
+    def __init__(self, data: dict, level_scale: float = 255.0) -> None:
+        self.names, self.clean, self.inputs = data["names"], data["clean"], data["inputs"]
+        self.levels = data["levels"].float()
+        self.level_scale = float(level_scale)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        count = len(self.levels)
+        inputs = self.inputs[index].float().div(255)
+        return {
+            "input": inputs,
+            "target": self.clean[index].float().div(255).unsqueeze(0).expand_as(inputs),
+            "level": (self.levels / self.level_scale).unsqueeze(1),
+            "grid_index": torch.arange(count),
+            "image_index": torch.full((count,), index, dtype=torch.long),
+        }
+
+
+class LevelDataModule(RestorationDataModule):
+    """Training batches of k degraded versions of the same clean crops, one per training level.
+
+    Args (beyond :class:`~cirlab.data.datamodule.RestorationDataModule`'s crop and folder settings):
+        task: ``denoise``, ``dejpeg`` or ``sr``.
+        levels: the k training levels (physical units); default the reference's four.
+        val_levels, test_levels: levels of the validation and test sets (default: the training
+            levels and the sweep's ends; the task's sweep).
+        level_scale: c = level / level_scale (255, the reference).
+        metric_channel: ``rgb`` or ``y`` for validation/test PSNR and SSIM (default per task).
+
+    Batches: ``inputs`` (k, B, 3, P, P), ``target`` (B, 3, P, P), ``levels`` (k, 1) normalised.
+    Evaluation items: see :class:`LevelSetDataset`.
+    """
+
+    def __init__(
+        self,
+        task: str = "denoise",
+        levels: Sequence[float] | None = None,
+        val_levels: Sequence[float] | None = None,
+        test_levels: Sequence[float] | None = None,
+        level_scale: float = 255.0,
+        metric_channel: str | None = None,
+        train_dir: str | None = None,
+        val_dir: str | None = None,
+        test_dir: str | None = None,
+        patch_size: int = 96,
+        batch_size: int = 16,
+        batches_per_epoch: int = 1000,
+        num_workers: int = 2,
+        val_max_images: int | None = None,
+        test_max_images: int | None = None,
+        val_crop: int | None = None,
+        test_crop: int | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        on_bad: str = "error",
+        embedded_root: str | None = None,
+        pin_memory: bool = False,
+        overfit_batches: int | None = None,
+    ) -> None:
+        super().__init__(train_dir=train_dir, val_dir=val_dir, test_dir=test_dir, patch_size=patch_size,
+                         batch_size=batch_size, batches_per_epoch=batches_per_epoch, num_workers=num_workers,
+                         cache_dir=cache_dir, seed=seed, on_bad=on_bad, embedded_root=embedded_root,
+                         pin_memory=pin_memory, overfit_batches=overfit_batches)
+        self.level_task = get_task(task)
+        self.task = task
+        spec = self.level_task
+        self.levels = spec.check(levels if levels is not None else spec.train_levels, "data.levels")
+        default_val = sorted({*self.levels, spec.sweep_levels[0], spec.sweep_levels[-1]})
+        self.val_levels = spec.check(val_levels if val_levels is not None else default_val, "data.val_levels")
+        self.test_levels = spec.check(test_levels if test_levels is not None else spec.sweep_levels, "data.test_levels")
+        if not level_scale or level_scale <= 0:
+            raise ValueError(f"data.level_scale={level_scale!r} must be > 0")
+        self.level_scale = float(level_scale)
+        channel = metric_channel or spec.channel
+        if channel not in ("rgb", "y"):
+            raise ValueError(f"data.metric_channel={channel!r} must be 'rgb' or 'y'")
+        self.metric_channel = channel
+        self.level_specs = {"val": (val_max_images, val_crop), "test": (test_max_images, test_crop)}
+
+    # ------------------------------------------------------------------ evaluation sets
+    def _eval_spec(self, stage: str):  # the 3-D task-vector sets of the base class are not used
+        return None
+
+    def level_spec(self, stage: str) -> LevelSetSpec | None:
+        folder = self.val_dir if stage == "val" else self.test_dir
+        if folder is None:
+            return None
+        max_images, crop = self.level_specs[stage]
+        levels = self.val_levels if stage == "val" else self.test_levels
+        return LevelSetSpec(folder=str(folder), task=self.task, levels=levels, max_images=max_images, crop=crop,
+                            seed=self.seed, on_bad=self.on_bad, config_key=f"data.{stage}_dir")
+
+    def label(self, level: float) -> str:
+        return self.level_task.label(level)
+
+    def prepare_data(self) -> None:
+        super().prepare_data()
+        for stage in ("val", "test"):
+            spec = self.level_spec(stage)
+            if spec is not None:
+                build_level_set(spec, self._eval_cache_dir())
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for name, wanted in (("val", (None, "fit", "validate")), ("test", (None, "test"))):
+            if stage in wanted and getattr(self, f"{name}_set") is None:
+                spec = self.level_spec(name)
+                if spec is not None:
+                    data = build_level_set(spec, self._eval_cache_dir())
+                    setattr(self, f"{name}_set", LevelSetDataset(data, self.level_scale))
+
+    # ------------------------------------------------------------------ training batches
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Clean crops -> k degraded versions (one per training level), on the batch's device."""
+        if "clean" not in batch:
+            return batch
+        clean = batch["clean"]
+        generator = torch.Generator(device=clean.device)
+        generator.manual_seed(self.seed * _ID_STRIDE + int(batch["id"][0]))
+        inputs = torch.stack([degrade_level(clean, self.task, level, generator) for level in self.levels])
+        levels = torch.tensor(self.levels, dtype=torch.float32, device=clean.device).div_(self.level_scale)
+        return {"inputs": inputs.float().div_(255), "target": clean.float().div(255), "levels": levels[:, None],
+                "id": batch["id"]}
+
+    def example_inputs(self, count: int = 1) -> None:
+        """None: the 3-D task-grid picture does not apply to single-type levels (see ``level_example``)."""
+        return None
+
+    def level_example(self, count: int = 1) -> Tensor | None:
+        """A few clean held-out images (N, 3, H, W) uint8 for level pictures."""
+        dataset = self.val_set or self.test_set
+        if dataset is None:
+            return None
+        return torch.stack([dataset.clean[i] for i in range(min(count, len(dataset)))])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "task": self.task, "levels": self.levels, "level_scale": self.level_scale}
