@@ -35,6 +35,21 @@ def save_figure_atomically(figure, path: Path) -> None:
         figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
+def publish_figure(trainer: L.Trainer, figure, dirpath: Path, name: str, key: str, latest: str = "latest") -> Path:
+    """Save ``figure`` as ``dirpath/<name>.png`` and ``dirpath/<latest>.png``, close it, and send
+    it to every logger that takes images (W&B) under ``key``."""
+    import matplotlib.pyplot as plt
+
+    path = Path(dirpath) / f"{name}.png"
+    save_figure_atomically(figure, path)
+    save_figure_atomically(figure, Path(dirpath) / f"{latest}.png")
+    plt.close(figure)
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+    return path
+
+
 class TaskGridPicture(L.Callback):
     """After each validation, restore one held-out image at several task vectors and save a grid.
 
@@ -96,18 +111,9 @@ class TaskGridPicture(L.Callback):
         clean = datamodule.example_inputs(1) if datamodule is not None and hasattr(datamodule, "example_inputs") else None
         if clean is None:
             return None
-        import matplotlib.pyplot as plt
-
         figure = self.render(pl_module, clean, f"step {trainer.global_step}")
-        path = self.dirpath / f"{name}.png"
-        save_figure_atomically(figure, path)
-        save_figure_atomically(figure, self.dirpath / "latest.png")
-        plt.close(figure)
-        self.last_path = path
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="val/task_grid", images=[str(path)], step=trainer.global_step)
-        return path
+        self.last_path = publish_figure(trainer, figure, self.dirpath, name, key="val/task_grid")
+        return self.last_path
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.fast_dev_run:

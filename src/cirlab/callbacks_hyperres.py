@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cirlab.callbacks import save_figure_atomically
+from cirlab.callbacks import publish_figure
 
 
 class LevelPicture(L.Callback):
@@ -61,14 +61,6 @@ class LevelPicture(L.Callback):
         clean = datamodule.level_example(1)
         if clean is None:
             return
-        import matplotlib.pyplot as plt
-
         figure = self.render(pl_module, datamodule, clean, f"step {trainer.global_step}")
-        path = self.dirpath / f"step{trainer.global_step:07d}.png"
-        save_figure_atomically(figure, path)
-        save_figure_atomically(figure, self.dirpath / "latest.png")
-        plt.close(figure)
-        self.last_path = path
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="val/level_picture", images=[str(path)], step=trainer.global_step)
+        self.last_path = publish_figure(trainer, figure, self.dirpath, f"step{trainer.global_step:07d}",
+                                        key="val/level_picture")

@@ -2,6 +2,8 @@
 
     cirlab-bench data [--seconds 10] [--out docs/bench/data.json]
     cirlab-bench search-step [--sizes tiny,full] [--out docs/bench/search_step.json]
+    cirlab-bench cost [--cresmd C.ckpt] [--tasnet T.ckpt] [--tsnet S.ckpt] [--resolutions 180x320,360x640]
+                      [--repeats 3] [--out docs/bench/cost/]
 
 ``data`` measures the training pipeline's throughput in relative-GT pairs per second
 (64x64 patches, batch 16, all three degradations): once for pair synthesis alone
@@ -154,6 +156,57 @@ def run_search_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_resolutions(text: str) -> list[tuple[int, int]]:
+    named = {"hd": (720, 1280), "2k": (1080, 1920), "4k": (2160, 3840)}
+    out = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part in named:
+            out.append(named[part])
+            continue
+        try:
+            height, width = (int(v) for v in part.split("x"))
+        except ValueError:
+            raise SystemExit(f"--resolutions: {part!r} is not HxW (e.g. 180x320) or one of hd, 2k, 4k") from None
+        out.append((height, width))
+    return out
+
+
+def run_cost(args: argparse.Namespace) -> int:
+    """``cost``: FLOPs and latency of CResMD, TSNet, TASNet and naive sharing (docs in bench/cost.py)."""
+    from cirlab.bench.cost import (CPU_RESOLUTIONS, PAPER_RESOLUTIONS, bench_cost, build_models, markdown_table,
+                                   plot_flops_per_task)
+
+    device = args.device
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if args.resolutions:
+        resolutions = _parse_resolutions(args.resolutions)
+    else:
+        resolutions = PAPER_RESOLUTIONS if on_gpu else CPU_RESOLUTIONS
+    models, notes = build_models(args.cresmd, args.tasnet, args.tsnet, nf=args.nf, nb=args.nb)
+    threads = [int(t) if t not in ("all", "") else None for t in args.threads.split(",")]
+    record = bench_cost(models, resolutions, grid=args.grid, repeats=args.repeats, warmup=args.warmup,
+                        threads=threads, device=device, progress=True)
+    record.update({
+        "command": "cirlab-bench cost " + " ".join(sys.argv[2:] if argv_is_cli() else []),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "revision": git_revision(), "machine": machine_description(), "notes": notes,
+        "checkpoints": {"cresmd": args.cresmd, "tasnet": args.tasnet, "tsnet": args.tsnet},
+    })
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(out / "cost.json", record)
+    table = markdown_table(record, notes)
+    (out / "cost.md").write_text(table + "\n")
+    plot_flops_per_task(record, out / "flops_per_task.png")
+    print(table)
+    print(f"written to {out / 'cost.json'}, {out / 'cost.md'}, {out / 'flops_per_task.png'}")
+    return 0
+
+
+def argv_is_cli() -> bool:
+    return Path(sys.argv[0]).name in ("cirlab-bench", "__main__.py")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cirlab-bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -167,6 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
     search.add_argument("--out", default="docs/bench/search_step.json")
     search.set_defaults(func=run_search_step)
+    cost = sub.add_parser("cost", help="FLOPs and latency on the 27-point workload (TASNet Table 1, Fig. 11)")
+    cost.add_argument("--cresmd", help="CResMD checkpoint (default: random init; FLOPs still exact)")
+    cost.add_argument("--tasnet", help="derived TASNet checkpoint (cirlab-derive)")
+    cost.add_argument("--tsnet", help="derived TSNet checkpoint (search with sharing disabled)")
+    cost.add_argument("--resolutions", help="comma list of HxW or hd,2k,4k (default: hd,2k,4k on GPU, "
+                      "180x320,360x640 on CPU)")
+    cost.add_argument("--grid", default="cresmd27", help="task grid of the workload")
+    cost.add_argument("--repeats", type=int, default=3, help="timed runs of the workload (median, min, max)")
+    cost.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    cost.add_argument("--threads", default="1,all", help="CPU thread counts to time (all = every core)")
+    cost.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                      help="auto: CPU timings plus CUDA when present")
+    cost.add_argument("--nf", type=int, default=64, help="width of the random CResMD (no checkpoint given)")
+    cost.add_argument("--nb", type=int, default=32, help="blocks of the random CResMD (no checkpoint given)")
+    cost.add_argument("--out", default="docs/bench/cost/", help="folder for cost.json, cost.md, flops_per_task.png")
+    cost.set_defaults(func=run_cost)
     args = parser.parse_args(argv)
     return args.func(args)
 

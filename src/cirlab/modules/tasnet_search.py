@@ -159,17 +159,9 @@ class TASNetSearch(RestorationModule):
         root = Path(self.trainer.default_root_dir) / "search"
         with atomic_path(root / "architecture.json") as tmp:
             tmp.write_text(json.dumps({"step": self.global_step, **arch}, indent=1) + "\n")
+        from cirlab.callbacks import publish_figure
         from cirlab.plots import architecture_figure
 
         figure = architecture_figure(arch, title=f"step {self.global_step}")
-        from cirlab.callbacks import save_figure_atomically
-
-        path = root / f"architecture_step{self.global_step:07d}.png"
-        save_figure_atomically(figure, path)
-        save_figure_atomically(figure, root / "architecture_latest.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
-        for logger in self.trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="search/architecture", images=[str(path)], step=self.global_step)
+        publish_figure(self.trainer, figure, root, f"architecture_step{self.global_step:07d}",
+                       key="search/architecture", latest="architecture_latest")
