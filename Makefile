@@ -13,7 +13,7 @@ ARGS ?=
 # Makefile's own are passed to Hydra as overrides.
 OVERRIDES := $(filter-out ARGS=% PYTEST_FLAGS=% TORCH_SPEC=% PYTHON=% VENV=%,$(MAKEOVERRIDES))
 
-.PHONY: help install test test-fast train eval data bench-data lint clean
+.PHONY: help install test test-fast train eval data bench-data bench-cost lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ data: $(STAMP)  ## download DIV2K and CBSD68 into data/ (needs internet; resumes
 
 bench-data: $(STAMP)  ## training-pipeline throughput (pairs/s) on CPU and GPU; merged into docs/bench/data.json
 	$(BIN)/cirlab-bench data $(ARGS)
+
+bench-cost: $(STAMP)  ## FLOPs and latency of CResMD/TSNet/TASNet/naive sharing on the 27-point workload; docs/bench/cost/
+	$(BIN)/cirlab-bench cost $(ARGS)
 
 clean:  ## remove caches and run directories (not .venv)
 	rm -rf logs .cache .pytest_cache

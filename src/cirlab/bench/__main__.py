@@ -187,7 +187,7 @@ def run_cost(args: argparse.Namespace) -> int:
     record = bench_cost(models, resolutions, grid=args.grid, repeats=args.repeats, warmup=args.warmup,
                         threads=threads, device=device, progress=True)
     record.update({
-        "command": "cirlab-bench cost " + " ".join(sys.argv[2:] if argv_is_cli() else []),
+        "command": "cirlab-bench " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "revision": git_revision(), "machine": machine_description(), "notes": notes,
         "checkpoints": {"cresmd": args.cresmd, "tasnet": args.tasnet, "tsnet": args.tsnet},
@@ -201,10 +201,6 @@ def run_cost(args: argparse.Namespace) -> int:
     print(table)
     print(f"written to {out / 'cost.json'}, {out / 'cost.md'}, {out / 'flops_per_task.png'}")
     return 0
-
-
-def argv_is_cli() -> bool:
-    return Path(sys.argv[0]).name in ("cirlab-bench", "__main__.py")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--out", default="docs/bench/cost/", help="folder for cost.json, cost.md, flops_per_task.png")
     cost.set_defaults(func=run_cost)
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args.func(args)
 
 
