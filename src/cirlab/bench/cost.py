@@ -1,0 +1,288 @@
+"""Cost of restoring one image under the 27-point workload (TASNet Table 1 and Figure 11).
+
+For each network and image size: analytic convolution FLOPs (the networks' own ``flops`` /
+``cost`` methods, convention of :mod:`cirlab.models.flops`) and measured latency, split into the
+*first pass* (shared prefix + the first task) and the *later passes* (each further task, reusing
+the prefix). Every task runs as its own pass (one task vector per pass, no batching across
+tasks), so first and later passes are timed separately; the workload latency is the first pass
+plus all later passes. CResMD shares nothing: each of its passes is a whole inference.
+
+Timings: ``warmup`` untimed runs of the whole workload, then ``repeats`` timed runs; figures
+are medians over the repeats with their min and max. CPU runs use ``channels_last`` (as
+:func:`cirlab.restore.restore` does) and ``torch.set_flush_denormal(True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cirlab.models.cresmd import CResMDNet
+from cirlab.models.flops import cresmd_flops
+from cirlab.models.tasnet import TASNet, _pad_even
+
+CPU_RESOLUTIONS = [(180, 320), (360, 640)]
+PAPER_RESOLUTIONS = [(720, 1280), (1080, 1920), (2160, 3840)]  # HD, 2K, 4K
+NAIVE_FRACTIONS = (0.31, 0.62, 0.99)
+
+
+def naive_shared_maps(nb: int, fraction: float) -> int:
+    """Shared maps of CResMD with its first ``fraction`` of layers shared (as ``naive_shared``)."""
+    maps = 2 * nb + 3
+    return min(maps, math.floor(fraction * (maps + 1) + 0.5))
+
+
+def flops_split(net: nn.Module, tasks: Tensor, height: int, width: int) -> dict:
+    """``{"shared", "per_task": [M], "total", "first_pass": [M], "later_pass": [M]}``: FLOPs of
+    one ``height x width`` image under ``tasks``; ``first_pass[m]`` is task m run first (prefix
+    included), ``later_pass[m]`` task m run after another one (prefix reused)."""
+    if isinstance(net, TASNet):
+        cost = net.cost(tasks, height, width)
+        shared, per_task = cost["shared"], cost["per_task"]
+    elif isinstance(net, CResMDNet):
+        one = int(cresmd_flops(net.nf, net.nb, height, width, tasks=1, in_channels=net.in_nc, out_channels=net.out_nc))
+        shared, per_task = 0, [one] * tasks.shape[0]
+    else:
+        raise TypeError(f"cost benchmark needs a TASNet or a CResMDNet, got {type(net).__name__}")
+    return {"shared": shared, "per_task": per_task, "total": shared + sum(per_task),
+            "first_pass": [shared + p for p in per_task], "later_pass": list(per_task)}
+
+
+def _passes(net: nn.Module, image: Tensor, tasks: Tensor) -> tuple[float, list[float]]:
+    """One run of the workload, one task per pass: (first pass s, [later pass s])."""
+    sync = torch.cuda.synchronize if image.device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        if isinstance(net, TASNet):
+            sync()
+            start = time.perf_counter()
+            padded = _pad_even(image)
+            prefix = net.run_prefix(padded)
+            for m in range(tasks.shape[0]):
+                task = tasks[m : m + 1]
+                sels = net._groups(task, masked=False)[0][1]
+                net.run_specific(prefix, padded, task, sels)
+                sync()
+                now = time.perf_counter()
+                times.append(now - start)
+                start = now
+        else:
+            for m in range(tasks.shape[0]):
+                sync()
+                start = time.perf_counter()
+                net(image, tasks[m : m + 1])
+                sync()
+                times.append(time.perf_counter() - start)
+    return times[0], times[1:]
+
+
+def _spread(values: Sequence[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def time_workload(net: nn.Module, height: int, width: int, tasks: Tensor, device: str,
+                  repeats: int = 3, warmup: int = 1) -> dict:
+    """Latency (seconds) of the workload: first pass, mean later pass and total, each as
+    ``{"median", "min", "max"}`` over ``repeats`` after ``warmup`` untimed runs."""
+    dev = torch.device(device)
+    layout = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
+    net = net.to(dev).eval()
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, height, width, generator=generator).to(dev).contiguous(memory_format=layout)
+    tasks = tasks.to(dev)
+    flush = torch.set_flush_denormal(True)
+    try:
+        for _ in range(warmup):
+            _passes(net, image, tasks)
+        firsts, laters, totals = [], [], []
+        for _ in range(repeats):
+            first, later = _passes(net, image, tasks)
+            firsts.append(first)
+            laters.append(sum(later) / len(later) if later else 0.0)
+            totals.append(first + sum(later))
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+    return {"first_pass_s": _spread(firsts), "later_pass_s": _spread(laters), "total_s": _spread(totals),
+            "repeats": repeats, "warmup": warmup}
+
+
+def _device_labels(threads: Sequence[int | None], device: str) -> list[tuple[str, str, int | None]]:
+    """(label, torch device, threads) of every timing setting."""
+    settings = []
+    if device in ("cpu", "auto"):
+        for count in threads:
+            count = count or os.cpu_count() or 1
+            label = f"cpu-{count}t"
+            if label not in [s[0] for s in settings]:
+                settings.append((label, "cpu", count))
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        settings.append(("cuda", "cuda", None))
+    return settings
+
+
+def bench_cost(models: Mapping[str, nn.Module], resolutions: Sequence[tuple[int, int]] = tuple(CPU_RESOLUTIONS),
+               grid: str | list = "cresmd27", repeats: int = 3, warmup: int = 1,
+               threads: Sequence[int | None] = (1, None), device: str = "cpu", reference: str | None = None,
+               progress: bool = False) -> dict:
+    """FLOPs and latency of every model at every resolution on the ``grid`` workload.
+
+    ``device``: "cpu" (one timing per ``threads`` entry; None = all cores), "cuda", or "auto"
+    (CPU settings plus CUDA when present). ``reference``: the model ratios are taken against
+    (default "CResMD" if present, else the first). Returns ``{"grid", "tasks", "labels",
+    "devices", "reference", "results": {model: {"HxW": {...}}}}``.
+    """
+    from cirlab.data.evalsets import grid_labels, level_grid
+
+    tasks = level_grid(grid)
+    settings = _device_labels(threads, device)
+    reference = reference or ("CResMD" if "CResMD" in models else next(iter(models)))
+    saved_threads = torch.get_num_threads()
+    results: dict[str, dict] = {}
+    try:
+        for name, net in models.items():
+            results[name] = {}
+            for height, width in resolutions:
+                entry = {"height": height, "width": width, "flops": flops_split(net, tasks, height, width),
+                         "latency": {}}
+                for label, dev, count in settings:
+                    if count is not None:
+                        torch.set_num_threads(count)
+                    entry["latency"][label] = time_workload(net, height, width, tasks, dev, repeats, warmup)
+                    if progress:
+                        print(f"  {name} {height}x{width} {label}: "
+                              f"{entry['latency'][label]['total_s']['median'] * 1e3:.1f} ms", flush=True)
+                net.to("cpu")
+                results[name][f"{height}x{width}"] = entry
+    finally:
+        torch.set_num_threads(saved_threads)
+    for name, per_res in results.items():
+        for key, entry in per_res.items():
+            base = results[reference][key]
+            entry["flops_ratio_vs_reference"] = base["flops"]["total"] / max(entry["flops"]["total"], 1)
+            entry["flops_saved_vs_reference"] = 1.0 - entry["flops"]["total"] / max(base["flops"]["total"], 1)
+            entry["speedup_vs_reference"] = {
+                label: base["latency"][label]["total_s"]["median"] / max(lat["total_s"]["median"], 1e-12)
+                for label, lat in entry["latency"].items()}
+    return {"grid": grid if isinstance(grid, str) else "custom", "tasks": tasks.tolist(),
+            "labels": grid_labels(tasks), "devices": [s[0] for s in settings], "reference": reference,
+            "results": results}
+
+
+# --------------------------------------------------------------------------- outputs
+def _g(flops: float) -> str:
+    return f"{flops / 1e9:,.2f}" if flops >= 1e8 else f"{flops / 1e9:.4f}"
+
+
+def markdown_table(record: dict, notes: Sequence[str] = ()) -> str:
+    """Table 1 of the paper, one block per resolution: rows = models."""
+    lines = [f"# Cost on the {len(record['tasks'])}-point workload ({record['grid']})", ""]
+    for key in ("command", "date", "revision"):
+        if key in record:
+            lines.append(f"- {key}: `{record[key]}`")
+    if "machine" in record:
+        machine = record["machine"]
+        lines.append(f"- machine: {machine.get('cpu')} ({machine.get('cpu_count')} cores)"
+                     + (f", {machine['gpu']}" if "gpu" in machine else "") + f", torch {machine.get('torch')}")
+    lines += [f"- {note}" for note in notes]
+    lines += [("- FLOPs: analytic convolution FLOPs (2 per MAC), G = 1e9; first pass = shared prefix + first "
+               "task, later = each further task (mean over tasks). Latency: median over repeats after warm-up, "
+               "[min-max]; one task per pass."), ""]
+    models = list(record["results"])
+    resolutions = list(record["results"][models[0]])
+    devices = record["devices"]
+    for res in resolutions:
+        header = ["model", "GFLOPs first pass", "GFLOPs later pass", "GFLOPs total", f"FLOPs vs {record['reference']}"]
+        for dev in devices:
+            header += [f"{dev} first (ms)", f"{dev} later (ms)", f"{dev} total (ms)", f"{dev} speed-up"]
+        lines += [f"## {res}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name in models:
+            entry = record["results"][name][res]
+            flops = entry["flops"]
+            later = flops["later_pass"][1:] or flops["later_pass"]
+            row = [name, _g(flops["first_pass"][0]), _g(sum(later) / len(later)), _g(flops["total"]),
+                   f"{entry['flops_ratio_vs_reference']:.2f}x ({100 * entry['flops_saved_vs_reference']:.1f}% fewer)"]
+            for dev in devices:
+                lat = entry["latency"][dev]
+                for part in ("first_pass_s", "later_pass_s"):
+                    row.append(f"{lat[part]['median'] * 1e3:.1f}")
+                total = lat["total_s"]
+                row.append(f"{total['median'] * 1e3:.1f} [{total['min'] * 1e3:.1f}-{total['max'] * 1e3:.1f}]")
+                row.append(f"{entry['speedup_vs_reference'][dev]:.2f}x")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_flops_per_task(record: dict, path: str | Path, resolution: str | None = None) -> Path:
+    """Figure 11: FLOPs of each task of the workload, first pass (solid) and later pass (dashed),
+    one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(record["results"])
+    resolution = resolution or list(record["results"][models[0]])[-1]
+    labels = record["labels"]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.4 * len(labels)), 4.5))
+    x = list(range(len(labels)))
+    for i, name in enumerate(models):
+        flops = record["results"][name][resolution]["flops"]
+        colour = f"C{i % 10}"
+        ax.plot(x, [f / 1e9 for f in flops["first_pass"]], "-o", color=colour, ms=3, label=f"{name} first pass")
+        ax.plot(x, [f / 1e9 for f in flops["later_pass"]], "--", color=colour, label=f"{name} later pass")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_ylabel(f"GFLOPs per task ({resolution})")
+    ax.set_title("FLOPs per task across restoration levels")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def build_models(cresmd: str | None = None, tasnet: str | None = None, tsnet: str | None = None,
+                 nf: int = 64, nb: int = 32, fractions: Sequence[float] = NAIVE_FRACTIONS,
+                 seed: int = 0) -> tuple[dict[str, nn.Module], list[str]]:
+    """The benchmark's models and notes on how they were made: CResMD (checkpoint or random
+    init), TSNet / TASNet (derived checkpoints, when given), and CResMD naively shared at each
+    fraction (from the CResMD weights when given, else random init)."""
+    from cirlab.restore import load_network
+
+    notes, models = [], {}
+    derived = {name: load_network(path) for name, path in (("TSNet", tsnet), ("TASNet", tasnet)) if path}
+    if cresmd:
+        base = load_network(cresmd)
+        if isinstance(base, TASNet):
+            raise ValueError(f"--cresmd {cresmd}: expected a CResMD checkpoint, got a TASNet")
+    else:
+        first = next(iter(derived.values()), None)
+        nf, nb = (first.nf, first.nb) if first is not None else (nf, nb)
+        torch.manual_seed(seed)
+        base = CResMDNet(nf=nf, nb=nb).eval()
+        notes.append(f"CResMD (nf {nf}, nb {nb}) and its naive-sharing variants are randomly initialised "
+                     "(no --cresmd): their FLOPs are what matter, their outputs are meaningless.")
+    models["CResMD"] = base
+    models.update(derived)
+    for fraction in fractions:
+        shared = naive_shared_maps(base.nb, fraction)
+        models[f"CResMD-{round(100 * fraction)}%shared"] = TASNet.from_cresmd(base, shared_maps=shared).eval()
+    for name, net in derived.items():
+        if (net.nf, net.nb) != (base.nf, base.nb):
+            notes.append(f"{name} has nf {net.nf}, nb {net.nb} but CResMD nf {base.nf}, nb {base.nb}.")
+    return models, notes
+
+
+__all__ = ["CPU_RESOLUTIONS", "PAPER_RESOLUTIONS", "bench_cost", "build_models", "flops_split", "markdown_table",
+           "naive_shared_maps", "plot_flops_per_task", "time_workload"]

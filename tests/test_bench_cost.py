@@ -1,0 +1,79 @@
+"""``cirlab-bench cost``: tiny networks (nf 8, nb 2), 32x48 images, one repeat."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tasnet_testing import NB, NF, search_state
+
+from cirlab.bench.__main__ import main as bench_main
+from cirlab.bench.cost import (
+    bench_cost,
+    build_models,
+    markdown_table,
+    plot_flops_per_task,
+)
+from cirlab.data.evalsets import level_grid
+from cirlab.derive import derive
+from cirlab.models.cresmd import CResMDNet
+from cirlab.models.flops import cresmd_flops
+from cirlab.models.tasnet import TASNet
+
+RES = [(32, 48), (16, 24)]
+
+
+@pytest.fixture(scope="module")
+def record():
+    torch.manual_seed(0)
+    cresmd = CResMDNet(nf=NF, nb=NB).eval()
+    models = {"CResMD": cresmd, "TSNet": derive(search_state(0, seed=1)), "TASNet": derive(search_state(3, seed=2)),
+              "naive": TASNet.from_cresmd(cresmd, shared_maps=4).eval()}
+    return models, bench_cost(models, RES, repeats=1, warmup=1, threads=(1, None), device="cpu")
+
+
+def test_every_model_and_resolution_and_flops_match(record):
+    models, rec = record
+    tasks = level_grid("cresmd27")
+    assert set(rec["results"]) == set(models) and len(rec["tasks"]) == 27 and len(rec["labels"]) == 27
+    json.dumps(rec)  # plain JSON
+    for name, net in models.items():
+        for h, w in RES:
+            entry = rec["results"][name][f"{h}x{w}"]
+            own = net.flops(tasks, h, w) if isinstance(net, TASNet) else cresmd_flops(NF, NB, h, w, tasks=27)
+            assert entry["flops"]["total"] == own
+            assert entry["flops"]["first_pass"][0] == entry["flops"]["shared"] + entry["flops"]["per_task"][0]
+            assert entry["flops_ratio_vs_reference"] == pytest.approx(cresmd_flops(NF, NB, h, w, tasks=27) / own)
+            assert set(entry["latency"]) == set(rec["devices"])
+            for lat in entry["latency"].values():
+                for part in ("first_pass_s", "later_pass_s", "total_s"):
+                    assert 0 <= lat[part]["min"] <= lat[part]["median"] <= lat[part]["max"]
+    assert rec["results"]["CResMD"]["32x48"]["flops_ratio_vs_reference"] == 1.0
+    assert rec["results"]["naive"]["32x48"]["flops"]["shared"] > 0
+
+
+def test_table_and_plot(record, tmp_path):
+    _, rec = record
+    table = markdown_table(rec, ["a note"])
+    assert "| TASNet |" in table and "## 32x48" in table and "a note" in table
+    path = plot_flops_per_task(rec, tmp_path / "f.png")
+    assert path.stat().st_size > 1000
+
+
+def test_cli_writes_json_table_plot(tmp_path):
+    out = tmp_path / "cost"
+    assert bench_main(["cost", "--nf", "8", "--nb", "2", "--resolutions", "32x48", "--repeats", "1", "--warmup", "0",
+                       "--threads", "1", "--device", "cpu", "--out", str(out)]) == 0
+    rec = json.loads((out / "cost.json").read_text())
+    assert {"command", "date", "machine", "revision", "notes"} <= set(rec)
+    assert set(rec["results"]) == {"CResMD", "CResMD-31%shared", "CResMD-62%shared", "CResMD-99%shared"}
+    assert "randomly initialised" in rec["notes"][0]
+    assert (out / "cost.md").is_file() and (out / "flops_per_task.png").is_file()
+
+
+def test_build_models_from_checkpoints(tmp_path):
+    tasnet = derive(search_state(3, seed=2))
+    tasnet.save(tmp_path / "t.ckpt")
+    models, _notes = build_models(tasnet=str(tmp_path / "t.ckpt"), tsnet=str(tmp_path / "t.ckpt"))
+    assert list(models)[:3] == ["CResMD", "TSNet", "TASNet"] and models["CResMD"].nf == NF
