@@ -173,8 +173,14 @@ def _parse_resolutions(text: str) -> list[tuple[int, int]]:
 
 def run_cost(args: argparse.Namespace) -> int:
     """``cost``: FLOPs and latency of CResMD, TSNet, TASNet and naive sharing (docs in bench/cost.py)."""
-    from cirlab.bench.cost import (CPU_RESOLUTIONS, PAPER_RESOLUTIONS, bench_cost, build_models, markdown_table,
-                                   plot_flops_per_task)
+    from cirlab.bench.cost import (
+        CPU_RESOLUTIONS,
+        PAPER_RESOLUTIONS,
+        bench_cost,
+        build_models,
+        markdown_table,
+        plot_flops_per_task,
+    )
 
     device = args.device
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
