@@ -223,6 +223,16 @@ def _per_sample(
 # --------------------------------------------------------------------------------------------
 
 
+def _per_sample_in_range(values, batch: int, name: str, like: Tensor, high: float) -> Tensor:
+    """``_per_sample`` plus the range check [0, high] (float round-off allowed), naming the entry."""
+    out = _per_sample(values, batch, name, like)
+    bad = ~((out >= -_EPS) & (out <= high + _EPS))
+    if bool(bad.any()):
+        idx, val = _first_bad(out, bad)
+        raise ValueError(f"{name}[{idx[0]}]={val} must be in [0, {high}]")
+    return out
+
+
 def physical_to_task(phys: Tensor) -> Tensor:
     """Physical levels ``(..., 3)`` = ``(r, sigma, q)`` -> task-space levels ``(..., 3)`` in [0, 1].
 
@@ -368,11 +378,7 @@ def gaussian_blur(
             f"images must be a floating (B, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
         )
     b = images.shape[0]
-    r = _per_sample(radius, b, "radius", images)
-    bad = ~((r >= -_EPS) & (r <= BLUR_RADIUS_MAX + _EPS))
-    if bool(bad.any()):
-        idx, val = _first_bad(r, bad)
-        raise ValueError(f"radius[{idx[0]}]={val} must be in [0, {BLUR_RADIUS_MAX}]")
+    r = _per_sample_in_range(radius, b, "radius", images, BLUR_RADIUS_MAX)
     if backend == "auto":
         use_matmul = (
             images.device.type == "cpu" and max(images.shape[-2:]) <= _MATMUL_MAX_SIDE
@@ -415,11 +421,7 @@ def add_gaussian_noise(
         generator: ``torch.Generator`` on ``images``' device (``None``: torch's default RNG).
     """
     b = images.shape[0]
-    s = _per_sample(sigma, b, "sigma", images)
-    bad = ~((s >= -_EPS) & (s <= NOISE_SIGMA_MAX + _EPS))
-    if bool(bad.any()):
-        idx, val = _first_bad(s, bad)
-        raise ValueError(f"sigma[{idx[0]}]={val} must be in [0, {NOISE_SIGMA_MAX}]")
+    s = _per_sample_in_range(sigma, b, "sigma", images, NOISE_SIGMA_MAX)
     if noise_field is None:
         noise_field = torch.randn(
             images.shape, generator=generator, device=images.device, dtype=images.dtype
