@@ -9,11 +9,11 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_FLAGS ?=
 ARGS ?=
-# `make train experiment=cresmd_paper trainer=gpu`: command-line variables other than the
+# `make fit experiment=cresmd_paper trainer=gpu`: command-line variables other than the
 # Makefile's own are passed to Hydra as overrides.
 OVERRIDES := $(filter-out ARGS=% PYTEST_FLAGS=% TORCH_SPEC=% PYTHON=% VENV=%,$(MAKEOVERRIDES))
 
-.PHONY: help install test test-fast train eval data bench-data bench-cost lint clean
+.PHONY: help install test test-fast train fit eval data bench-data bench-cost lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,7 +32,10 @@ test: $(STAMP)  ## the whole suite (slow tests included)
 test-fast: $(STAMP)  ## the suite without tests marked slow (< 5 minutes)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_FLAGS)
 
-train: $(STAMP)  ## train the embedded default (offline, CPU, ~10 min); Hydra overrides as arguments
+train: $(STAMP)  ## the TASNet pipeline: CResMD, search, derive, fine-tune, evaluate, benchmark (offline, CPU, ~10 min)
+	$(BIN)/cirlab-pipeline $(OVERRIDES) $(ARGS)
+
+fit: $(STAMP)  ## one training job (cirlab-train): make fit experiment=cresmd_paper trainer=gpu
 	$(BIN)/cirlab-train $(OVERRIDES) $(ARGS)
 
 eval: $(STAMP)  ## score a checkpoint: make eval ckpt_path=... (data=cbsd68 by default)

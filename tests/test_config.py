@@ -16,7 +16,13 @@ def resolve_all(cfg):
             for key in cfg if key != "hydra"}
 
 
-EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+def _is_pipeline_experiment(path: Path) -> bool:
+    return any(line.startswith("pipeline:") for line in path.read_text().splitlines())
+
+
+# experiments of one training job; pipeline experiments (pipeline.* keys) are tested in test_pipeline.py
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if not _is_pipeline_experiment(p))
+PIPELINE_EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if _is_pipeline_experiment(p))
 GROUP_OPTIONS = [
     (group, p.stem)
     for group in ("data", "degradation", "sampling", "model", "trainer", "logger", "callbacks", "debug", "hparams_search")
@@ -30,6 +36,10 @@ def test_every_experiment_composes_and_resolves(experiment):
     validate_config(cfg)
     resolve_all(cfg)
     assert cfg.model._target_.startswith("cirlab.")
+
+
+def test_the_experiment_folder_holds_both_kinds():
+    assert "cresmd_paper" in EXPERIMENTS and PIPELINE_EXPERIMENTS == ["tasnet_paper"]
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)

@@ -13,6 +13,7 @@ Steps, in order:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -33,8 +34,26 @@ from cirlab.utils.wandb import finish_wandb
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TrainingRun:
+    """What one training job produced: its final metrics and checkpoint files ("" if none)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_ckpt: str = ""
+    last_ckpt: str = ""
+    output_dir: str = ""
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job described by ``cfg``; return its final metrics."""
+    return run_training(cfg).metrics
+
+
+def run_training(cfg: DictConfig) -> TrainingRun:
+    """Run one training job described by ``cfg`` (the steps of the module docstring)."""
+    if "pipeline" in cfg:
+        raise ValueError("the config sets pipeline.* keys: that experiment is a whole pipeline; run it with "
+                         "cirlab-pipeline (`make train experiment=...`)")
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -81,7 +100,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("run directory: %s", cfg.paths.output_dir)
         if picture:
             log.info("outputs at several task vectors: %s", picture)
-    return metrics
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") or ""
+    last = getattr(callback, "last_model_path", "") or ""
+    return TrainingRun(metrics, best, last, str(cfg.paths.output_dir))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

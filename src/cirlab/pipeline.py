@@ -1,0 +1,439 @@
+"""``cirlab-pipeline`` (= ``make train``): the TASNet pipeline end to end (``conf/pipeline.yaml``).
+
+Stages, in order, each a job of its own in a sub-folder of the pipeline's run directory:
+
+  1. ``cresmd``   train the CResMD supernetwork (``cirlab-train``; its best checkpoint);
+  2. ``search``   the architecture search started from it (``model.init_ckpt``; its last checkpoint);
+  3. ``derive``   ``cirlab-derive``: the standalone TASNet (``tasnet.ckpt``, ``architecture.json``);
+  4. ``finetune`` fine-tune the derived network (``model.derived_ckpt``; its best checkpoint);
+  5. ``evaluate`` ``cirlab-eval`` of CResMD and TASNet on the same test grid, side by side in
+                  ``evaluate/comparison.md`` (PSNR, SSIM and FLOPs per task);
+  6. ``bench``    ``cirlab-bench cost`` of CResMD, TASNet and naive sharing on the 27-point workload.
+
+Before the first stage runs, every stage's config is composed and validated, and every given
+input file is checked, so a typo fails in seconds, not after an hour of training.
+
+Each finished stage leaves ``<stage>/stage.json`` (its products and the overrides it ran
+with). Started again in the same run directory (``hydra.run.dir=<pipeline run dir>``), the
+pipeline keeps finished stages, resumes an interrupted training stage from its
+``checkpoints/last.ckpt`` and reruns the rest; a finished stage whose overrides changed is an
+error (start a new run directory instead). ``pipeline.json`` lists every product; the last lines
+of the log print where each one is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from cirlab.config import CONFIG_DIR, compose_job, register_configs, validate_config
+from cirlab.utils.run import write_json_atomically, write_text_atomically
+from cirlab.utils.wandb import finish_wandb
+
+log = logging.getLogger(__name__)
+
+STAGES = ("cresmd", "search", "derive", "finetune", "evaluate", "bench")
+TRAINING = ("cresmd", "search", "finetune")
+# the product of a stage that later stages consume, and the `pipeline.inputs` key replacing it
+PRODUCT = {"cresmd": "cresmd_ckpt", "search": "search_ckpt", "derive": "derived_ckpt", "finetune": "tasnet_ckpt"}
+NEEDS = {"search": ["cresmd_ckpt"], "derive": ["search_ckpt"], "finetune": ["derived_ckpt"],
+         "evaluate": ["cresmd_ckpt", "tasnet_ckpt"], "bench": ["cresmd_ckpt", "tasnet_ckpt"]}
+PIPELINE_KEYS = {"task_name", "tags", "seed", "pipeline", "paths", "hydra"}
+STAGE_FILE = "stage.json"
+
+
+class PipelineError(ValueError):
+    """A pipeline config or state that cannot run; the message names the key or file."""
+
+
+@dataclass
+class Stage:
+    name: str
+    folder: Path
+    overrides: list[str]
+
+
+# --------------------------------------------------------------------------- config
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def check_pipeline_config(cfg: DictConfig) -> dict:
+    """The ``pipeline`` node as plain data, after checking what can be checked without running:
+    stage names and order, checkpoint choices, and inputs (files that exist)."""
+    stray = sorted(key for key in cfg.keys() if key not in PIPELINE_KEYS and key != "experiment")
+    if stray:
+        raise PipelineError(f"{', '.join(stray)}: not pipeline settings. An experiment that configures one training "
+                            "job (model, data, trainer, ...) runs with cirlab-train (`make fit experiment=...`); "
+                            "pipeline experiments set pipeline.* keys")
+    spec = _plain(cfg.pipeline)
+    stages = list(spec.get("stages") or [])
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise PipelineError(f"pipeline.stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    if stages != [s for s in STAGES if s in stages]:
+        raise PipelineError(f"pipeline.stages={stages}: stages run in the order {list(STAGES)}")
+    inputs = spec.get("inputs") or {}
+    for key, value in inputs.items():
+        if key not in PRODUCT.values():
+            raise PipelineError(f"pipeline.inputs.{key}: unknown input; known: {sorted(PRODUCT.values())}")
+        if value and not Path(value).is_file():
+            raise PipelineError(f"pipeline.inputs.{key}={value!r}: no such file")
+    made = {PRODUCT[s] for s in stages if s in PRODUCT} | {k for k, v in inputs.items() if v}
+    for stage in stages:
+        for need in NEEDS.get(stage, []):
+            producer = next(s for s, p in PRODUCT.items() if p == need)
+            if need not in made or (producer not in stages and not inputs.get(need)):
+                raise PipelineError(f"pipeline stage {stage!r} needs {need}: add stage {producer!r} to "
+                                    f"pipeline.stages or set pipeline.inputs.{need}")
+            if producer in stages and STAGES.index(producer) > STAGES.index(stage):
+                raise PipelineError(f"pipeline stage {stage!r} needs {need} from the later stage {producer!r}")
+    for stage in TRAINING:
+        node = spec.get(stage) or {}
+        if node.get("checkpoint", "best") not in ("best", "last"):
+            raise PipelineError(f"pipeline.{stage}.checkpoint={node.get('checkpoint')!r}: best or last")
+        for key in ("overrides", "extra"):
+            _override_list(node.get(key), f"pipeline.{stage}.{key}")
+    return spec
+
+
+def _override_list(value: Any, key: str) -> list[str]:
+    """A list of Hydra overrides, or one string of them separated by spaces (easier to type:
+    ``'pipeline.search.extra="model.lambda1=0.1 trainer.max_steps=900"'``)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return shlex.split(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise PipelineError(f"{key} must be a list of Hydra overrides or one string of them, got {value!r}")
+
+
+def _train_overrides(spec: dict, stage: str, seed: int, links: list[str]) -> list[str]:
+    node = spec[stage]
+    return [f"seed={seed}", *_override_list(spec.get("train_common"), "pipeline.train_common"),
+            *_override_list(node.get("overrides"), f"pipeline.{stage}.overrides"),
+            *_override_list(node.get("extra"), f"pipeline.{stage}.extra"), *links]
+
+
+def _eval_overrides(spec: dict, seed: int, ckpt: str | None = None) -> list[str]:
+    node = spec.get("evaluate") or {}
+    return [f"seed={seed}", *_override_list(node.get("overrides"), "pipeline.evaluate.overrides"),
+            *_override_list(node.get("extra"), "pipeline.evaluate.extra"),
+            *([f"ckpt_path={ckpt}"] if ckpt else [])]
+
+
+def _compose(config_name: str, overrides: list[str], folder: Path, what: str) -> DictConfig:
+    try:
+        cfg = compose_job(config_name, overrides, folder)
+        validate_config(cfg)
+    except Exception as error:  # Hydra's own errors name the override; say which stage it was
+        raise PipelineError(f"pipeline stage {what}: {type(error).__name__}: {error}") from error
+    return cfg
+
+
+PLACEHOLDER = "<from an earlier stage>"
+
+
+def precheck(spec: dict, seed: int, run_dir: Path) -> None:
+    """Compose and validate every stage's config before any work (products not yet made are
+    placeholders: only their presence matters to composition)."""
+    links = {"search": ["model.init_ckpt=placeholder.ckpt"], "finetune": ["model.derived_ckpt=placeholder.ckpt"]}
+    for stage in spec["stages"]:
+        if stage in TRAINING:
+            cfg = _compose("train", _train_overrides(spec, stage, seed, []), run_dir / stage, stage)
+            target = str(cfg.model.get("_target_", ""))
+            expected = {"cresmd": "CResMD", "search": "TASNetSearch", "finetune": "TASNetFinetune"}[stage]
+            if not target.endswith("." + expected):
+                raise PipelineError(f"pipeline.{stage}: its overrides build {target or 'no model'}, "
+                                    f"the {stage} stage needs a {expected} (model._target_)")
+            if links.get(stage):  # the keys the pipeline sets to link the stages exist
+                _compose("train", _train_overrides(spec, stage, seed, links[stage]), run_dir / stage, stage)
+        elif stage == "evaluate":
+            _compose("eval", _eval_overrides(spec, seed, "placeholder.ckpt"), run_dir / stage, stage)
+
+
+# --------------------------------------------------------------------------- stages
+def _stage_record(folder: Path) -> dict | None:
+    path = folder / STAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _finish_stage(stage: Stage, products: dict[str, Any], started: float) -> dict:
+    record = {"stage": stage.name, "overrides": stage.overrides, "products": products,
+              "seconds": round(time.perf_counter() - started, 1)}
+    write_json_atomically(stage.folder / STAGE_FILE, record)
+    return record
+
+
+def _run_training(stage: Stage, spec: dict) -> dict[str, Any]:
+    from cirlab.train import run_training
+
+    overrides = list(stage.overrides)
+    last = stage.folder / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("stage %s: resuming from %s", stage.name, last)
+        overrides.append(f"ckpt_path={last}")
+    cfg = compose_job("train", overrides, stage.folder)
+    _write_job_files(cfg, overrides, stage.folder)
+    try:
+        run = run_training(cfg)
+    finally:
+        finish_wandb()
+    choice = spec[stage.name].get("checkpoint", "best")
+    ckpt = (run.best_ckpt if choice == "best" else run.last_ckpt) or run.last_ckpt or run.best_ckpt
+    if not ckpt:
+        raise PipelineError(f"pipeline stage {stage.name}: the training job saved no checkpoint "
+                            f"(callbacks.model_checkpoint disabled?) in {stage.folder}")
+    return {PRODUCT[stage.name]: ckpt, "run_dir": str(stage.folder),
+            "metrics": {k: v for k, v in run.metrics.items() if "_grid/" not in k}}
+
+
+def _run_derive(stage: Stage, spec: dict, search_ckpt: str) -> dict[str, Any]:
+    from cirlab.derive import derive_checkpoint
+
+    node = spec.get("derive") or {}
+    derived = derive_checkpoint(search_ckpt, stage.folder, node.get("grid", "cresmd27"),
+                                int(node.get("height", 720)), int(node.get("width", 1280)))
+    s = derived.summary
+    log.info("derived TASNet: %d/%d maps shared, %.2f GFLOPs per inference on %d tasks at %dx%d (%.1f%% of CResMD)",
+             s["shared_maps"], s["num_maps"], s["flops_per_inference"] / 1e9, s["tasks"], s["width"], s["height"],
+             100 * s["flops_ratio"])
+    return {"derived_ckpt": str(derived.ckpt_path), "architecture_json": str(derived.json_path),
+            "architecture_png": str(derived.figure_path) if derived.figure_path else None,
+            "summary": {k: s[k] for k in ("shared_maps", "num_maps", "flops_per_inference", "flops_ratio",
+                                          "tasks", "height", "width") if k in s}}
+
+
+def _run_evaluate(stage: Stage, spec: dict, seed: int, checkpoints: dict[str, str]) -> dict[str, Any]:
+    from cirlab.eval import evaluate
+    from cirlab.evaluation import grid_rows
+
+    scored: dict[str, dict[str, float]] = {}
+    for name, ckpt in checkpoints.items():
+        folder = stage.folder / name.lower()
+        overrides = _eval_overrides(spec, seed, ckpt)
+        cfg = compose_job("eval", overrides, folder)
+        _write_job_files(cfg, overrides, folder)
+        try:
+            scored[name] = evaluate(cfg)
+        finally:
+            finish_wandb()
+    table = comparison_table(scored, {name: grid_rows(metrics)[1] for name, metrics in scored.items()},
+                             _flops_per_task(checkpoints))
+    path = stage.folder / "comparison.md"
+    write_text_atomically(path, table)
+    log.info("CResMD and TASNet side by side:\n%s", table)
+    return {"comparison_md": str(path),
+            "metrics": {name: {k: v for k, v in m.items() if "_grid/" not in k} for name, m in scored.items()},
+            "run_dirs": {name: str(stage.folder / name.lower()) for name in checkpoints}}
+
+
+def _flops_per_task(checkpoints: dict[str, str], height: int = 720, width: int = 1280) -> dict[str, dict]:
+    """GFLOPs of each model on each task vector of the 27-point grid at HD, run alone (prefix
+    included) and as part of the whole workload (its share, prefix counted once)."""
+    from cirlab.bench.cost import flops_split
+    from cirlab.data.evalsets import grid_labels, level_grid
+    from cirlab.restore import load_network
+
+    tasks = level_grid("cresmd27")
+    labels = grid_labels(tasks)
+    out = {}
+    for name, ckpt in checkpoints.items():
+        split = flops_split(load_network(ckpt), tasks, height, width)
+        out[name] = {"labels": labels, "first_pass": split["first_pass"], "total": split["total"]}
+    return out
+
+
+def comparison_table(scored: dict[str, dict[str, float]], rows: dict[str, list[dict]], flops: dict[str, dict]) -> str:
+    """Markdown: the averages, then one row per task with each model's PSNR/SSIM and FLOPs."""
+    names = list(scored)
+    lines = ["# CResMD and TASNet on the same test grid", "",
+             "Averages over the degraded task vectors (the clean point apart); FLOPs of the whole 27-point "
+             "workload on one 1280x720 image (2 per MAC, convolutions only; TASNet's shared prefix once).", "",
+             "| model | PSNR (dB) | SSIM | GFLOPs (27 tasks, HD) | FLOPs vs " + names[0] + " |", "|---|---|---|---|---|"]
+    base = flops[names[0]]["total"]
+    for name in names:
+        m = scored[name]
+        total = flops[name]["total"]
+        lines.append(f"| {name} | {m.get('test/psnr', float('nan')):.2f} | {m.get('test/ssim', float('nan')):.4f} | "
+                     f"{total / 1e9:,.1f} | {100 * total / base:.1f}% |")
+    by_label = {name: {row["label"]: row for row in rows[name]} for name in names}
+    labels = [row["label"] for row in rows[names[0]]]
+    header = ["task (r, sigma, q)"]
+    for name in names:
+        header += [f"{name} PSNR", f"{name} SSIM", f"{name} GFLOPs"]
+    if len(names) == 2:
+        header.append(f"PSNR {names[1]} - {names[0]}")
+    lines += ["", "Per task (GFLOPs: that task alone, prefix included, at 1280x720):", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    flops_by_label = {name: dict(zip(flops[name]["labels"], flops[name]["first_pass"])) for name in names}
+    for label in labels:
+        first = by_label[names[0]][label]
+        cells = [f"r={first['r']}, sigma={first['sigma']}, q={first['q']}"]
+        for name in names:
+            row = by_label[name].get(label, {})
+            g = flops_by_label[name].get(label)
+            cells += [f"{row['psnr']:.2f}" if "psnr" in row else "", f"{row['ssim']:.4f}" if "ssim" in row else "",
+                      f"{g / 1e9:.2f}" if g is not None else ""]
+        if len(names) == 2:
+            a, b = by_label[names[0]].get(label, {}), by_label[names[1]].get(label, {})
+            cells.append(f"{b['psnr'] - a['psnr']:+.2f}" if "psnr" in a and "psnr" in b else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _run_bench(stage: Stage, spec: dict, cresmd_ckpt: str, tasnet_ckpt: str) -> dict[str, Any]:
+    import datetime as dt
+
+    from cirlab.bench.__main__ import _parse_resolutions, git_revision, machine_description
+    from cirlab.bench.cost import bench_cost, build_models, markdown_table, plot_flops_per_task
+
+    node = spec.get("bench") or {}
+    resolutions = _parse_resolutions(",".join(str(r) for r in node.get("resolutions", ["180x320"])))
+    models, notes = build_models(cresmd=cresmd_ckpt, tasnet=tasnet_ckpt,
+                                 fractions=tuple(node.get("naive_fractions", ())))
+    notes.append("TASNet: the fine-tuned network of this pipeline; the naive-sharing rows reuse the CResMD weights "
+                  "untrained (their FLOPs and latency are what they are for).")
+    record = bench_cost(models, resolutions, grid=node.get("grid", "cresmd27"), repeats=int(node.get("repeats", 3)),
+                        warmup=int(node.get("warmup", 1)), threads=list(node.get("threads", [1, None])),
+                        device=node.get("device", "auto"), progress=True)
+    record.update({"command": "cirlab-pipeline (stage bench)",
+                   "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   "revision": git_revision(), "machine": machine_description(), "notes": notes,
+                   "checkpoints": {"cresmd": cresmd_ckpt, "tasnet": tasnet_ckpt}})
+    write_json_atomically(stage.folder / "cost.json", record)
+    table = markdown_table(record, notes)
+    write_text_atomically(stage.folder / "cost.md", table + "\n")
+    plot = plot_flops_per_task(record, stage.folder / "flops_per_task.png")
+    log.info("cost benchmark:\n%s", table)
+    ratios = {}
+    for res, entry in record["results"].get("TASNet", {}).items():
+        ratios[res] = {"flops_ratio": entry["flops_ratio_vs_reference"], "speedup": entry["speedup_vs_reference"]}
+    return {"cost_json": str(stage.folder / "cost.json"), "cost_md": str(stage.folder / "cost.md"),
+            "flops_per_task_png": str(plot), "tasnet_vs_cresmd": ratios}
+
+
+def _write_job_files(cfg: DictConfig, overrides: list[str], folder: Path) -> None:
+    """What Hydra writes for a job: the composed config (without Hydra's node) and the overrides."""
+    job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    write_text_atomically(folder / ".hydra" / "config.yaml", OmegaConf.to_yaml(job))
+    write_text_atomically(folder / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+
+
+class _StageLog:
+    """Copies the log of one stage into ``<stage>/<stage>.log`` while it runs."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(folder / f"{name}.log")
+        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+
+    def __enter__(self) -> None:
+        logging.getLogger().addHandler(self.handler)
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        self.handler.close()
+
+
+# --------------------------------------------------------------------------- the pipeline
+def run_pipeline(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the stages of ``cfg.pipeline`` in ``run_dir`` (default: the Hydra run directory);
+    returns the manifest also written to ``pipeline.json``."""
+    spec = check_pipeline_config(cfg)
+    seed = int(cfg.seed)
+    run_dir = Path(run_dir if run_dir is not None else cfg.paths.output_dir).resolve()
+    stages = [s for s in STAGES if s in spec["stages"]]
+    products: dict[str, Any] = {k: str(Path(v).resolve()) for k, v in (spec.get("inputs") or {}).items() if v}
+    precheck(spec, seed, run_dir)
+    log.info("pipeline: %s in %s", " -> ".join(stages), run_dir)
+
+    manifest: dict[str, Any] = {"run_dir": str(run_dir), "stages": {}, "inputs": dict(products)}
+    for name in stages:
+        folder = run_dir / name
+        links = {"search": [f"model.init_ckpt={products.get('cresmd_ckpt')}"],
+                 "finetune": [f"model.derived_ckpt={products.get('derived_ckpt')}"]}.get(name, [])
+        if name in TRAINING:
+            overrides = _train_overrides(spec, name, seed, links)
+        elif name == "evaluate":
+            overrides = _eval_overrides(spec, seed)
+        else:
+            overrides = [f"{k}={v}" for k, v in sorted((spec.get(name) or {}).items())]
+        stage = Stage(name, folder, overrides)
+        done = _stage_record(folder)
+        if done is not None:
+            if done.get("overrides") != overrides:
+                raise PipelineError(f"{folder / STAGE_FILE}: stage {name} finished with other overrides "
+                                    f"({done.get('overrides')}) than now ({overrides}); use a new run directory")
+            log.info("stage %s: already done (%s)", name, folder / STAGE_FILE)
+            record = done
+        else:
+            log.info("stage %s: starting in %s", name, folder)
+            started = time.perf_counter()
+            with _StageLog(folder, name):
+                if name in TRAINING:
+                    result = _run_training(stage, spec)
+                elif name == "derive":
+                    result = _run_derive(stage, spec, products["search_ckpt"])
+                elif name == "evaluate":
+                    result = _run_evaluate(stage, spec, seed, {"CResMD": products["cresmd_ckpt"],
+                                                               "TASNet": products["tasnet_ckpt"]})
+                else:
+                    result = _run_bench(stage, spec, products["cresmd_ckpt"], products["tasnet_ckpt"])
+            record = _finish_stage(stage, result, started)
+            log.info("stage %s: done in %.0f s", name, record["seconds"])
+        products.update({k: v for k, v in record["products"].items() if k in PRODUCT.values()})
+        manifest["stages"][name] = record
+    manifest["products"] = products
+    write_json_atomically(run_dir / "pipeline.json", manifest)
+    _print_artifacts(manifest)
+    return manifest
+
+
+ARTIFACTS: list[tuple[str, str, Callable[[dict], Any]]] = [
+    ("cresmd", "CResMD checkpoint", lambda p: p.get("cresmd_ckpt")),
+    ("search", "search checkpoint", lambda p: p.get("search_ckpt")),
+    ("derive", "derived TASNet", lambda p: p.get("derived_ckpt")),
+    ("derive", "its architecture", lambda p: p.get("architecture_json")),
+    ("derive", "architecture picture", lambda p: p.get("architecture_png")),
+    ("finetune", "fine-tuned TASNet", lambda p: p.get("tasnet_ckpt")),
+    ("evaluate", "CResMD vs TASNet", lambda p: p.get("comparison_md")),
+    ("bench", "cost table", lambda p: p.get("cost_md")),
+    ("bench", "FLOPs per task plot", lambda p: p.get("flops_per_task_png")),
+]
+
+
+def _print_artifacts(manifest: dict) -> None:
+    lines = [f"pipeline finished; run directory {manifest['run_dir']}"]
+    for stage, label, pick in ARTIFACTS:
+        record = manifest["stages"].get(stage)
+        value = pick(record["products"]) if record else None
+        if value:
+            lines.append(f"  {label + ':':<22} {value}")
+    lines.append(f"  {'manifest:':<22} {Path(manifest['run_dir']) / 'pipeline.json'}")
+    log.info("\n".join(lines))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_pipeline(cfg)
+    except PipelineError as error:
+        log.error("%s", error)
+        raise SystemExit(2) from None
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()
