@@ -188,3 +188,16 @@ def test_the_paper_pipeline_composes_every_stage_with_its_recipe(tmp_path):
     evaluation = compose_job("eval", _eval_overrides(spec, 1, "x.ckpt"), tmp_path)
     assert evaluation.iqa and Path(evaluation.data.test_dir).name == "CBSD68"
     assert spec["bench"]["resolutions"] == ["hd", "2k", "4k"]
+
+
+def test_stage_runs_share_one_wandb_group(tmp_path, shared_cache):
+    """With the W&B logger (offline here), each training stage is a run named after the stage,
+    in one group per pipeline run directory."""
+    run_dir = tmp_path / "run7"
+    overrides = [*tiny_overrides(tmp_path, shared_cache, run_dir), "pipeline.stages=[cresmd]",
+                 'pipeline.train_common="logger=wandb callbacks.progress_bar.refresh_rate=0"']
+    run_pipeline(pipeline_cfg(overrides), run_dir)
+    runs = list((run_dir / "cresmd" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    record = runs[0].read_bytes()
+    assert b"pipeline-run7" in record and b"cresmd" in record

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cirlab.config import CONFIG_DIR, compose_job, register_configs, validate_config
 from cirlab.utils.run import write_json_atomically, write_text_atomically
@@ -175,7 +175,7 @@ def _finish_stage(stage: Stage, products: dict[str, Any], started: float) -> dic
     return record
 
 
-def _run_training(stage: Stage, spec: dict) -> dict[str, Any]:
+def _run_training(stage: Stage, spec: dict, wandb_group: str) -> dict[str, Any]:
     from cirlab.train import run_training
 
     overrides = list(stage.overrides)
@@ -184,6 +184,11 @@ def _run_training(stage: Stage, spec: dict) -> dict[str, Any]:
         log.info("stage %s: resuming from %s", stage.name, last)
         overrides.append(f"ckpt_path={last}")
     cfg = compose_job("train", overrides, stage.folder)
+    if cfg.get("logger") and cfg.logger.get("wandb") is not None:
+        with open_dict(cfg):  # the stages of one pipeline: one W&B group, a run per stage
+            cfg.logger.wandb.group = wandb_group
+            cfg.logger.wandb.name = stage.name
+            cfg.logger.wandb.job_type = stage.name
     _write_job_files(cfg, overrides, stage.folder)
     try:
         run = run_training(cfg)
@@ -382,7 +387,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str
             started = time.perf_counter()
             with _StageLog(folder, name):
                 if name in TRAINING:
-                    result = _run_training(stage, spec)
+                    result = _run_training(stage, spec, f"{cfg.task_name}-{run_dir.name}")
                 elif name == "derive":
                     result = _run_derive(stage, spec, products["search_ckpt"])
                 elif name == "evaluate":
