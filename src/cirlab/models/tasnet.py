@@ -205,6 +205,25 @@ class _Sel:
     logical: tuple[int, ...]
 
 
+def _nhwc(x: Tensor) -> bool:
+    """``x`` is a 4-d tensor laid out channels_last (and not also plain contiguous)."""
+    return x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _rows(x: Tensor) -> Tensor:
+    """A channels_last (N, C, H, W) tensor as its (N H W, C) matrix (a view)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _select_channels(x: Tensor, index: Tensor) -> Tensor:
+    """``x.index_select(1, index)``; on channels_last input a row gather that keeps the layout
+    (``index_select`` itself returns NCHW there and is several times slower)."""
+    if not _nhwc(x):
+        return x.index_select(1, index)
+    batch, _, height, width = x.shape
+    return _rows(x).index_select(1, index).view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
 def _pad_even(x: Tensor) -> Tensor:
     height, width = x.shape[-2:]
     if height % 2 or width % 2:
@@ -246,6 +265,11 @@ class TASNet(nn.Module):
             for k, fixed in enumerate(self._fixed) if fixed is None})
         self._controlled = [k for k, fixed in enumerate(self._fixed) if fixed is None]
         self._index_cache: dict[tuple, Tensor] = {}
+        self._align_plans: dict[tuple, tuple] = {}
+        self._slice_cache: dict[tuple, tuple[Tensor, ...]] = {}
+        self._slice_stamp: tuple | None = None
+        self._inplace = False  # set per run by _begin_run
+        self._caching = False
         self.prefix_calls = 0  # how many times the shared prefix ran (tests, benchmarks)
         self.execution = "auto"  # forward(): "auto" (masked in training, sliced in eval), "sliced", "masked"
 
@@ -357,6 +381,14 @@ class TASNet(nn.Module):
         sels = {k: self._fixed_sel(k) for k in range(-1, self.num_maps) if k < 0 or self._fixed[k] is not None}
         if not self._controlled:
             return [(None, sels)]
+        self._begin_run()
+        key = None
+        if self._caching and not masked:  # the same task vectors again: the same groups
+            host = tasks.detach().cpu()
+            key = ("groups", str(tasks.dtype), str(device), tuple(host.shape), host.numpy().tobytes())
+            cached = self._slice_cache.get(key)
+            if cached is not None:
+                return cached
         masks = self.channel_masks(tasks)
         if masked:
             full = tuple(range(self.nf))
@@ -376,13 +408,81 @@ class TASNet(nn.Module):
                 on = tuple(torch.nonzero(unique[g, j * self.nf:(j + 1) * self.nf]).flatten().tolist())
                 group_sels[k] = _Sel(self._tensor(on, device), None, on)
             groups.append((rows, group_sels))
+        if key is not None:
+            self._slice_cache[key] = groups
         return groups
 
+    # ------------------------------------------------------------------ inference fast path
+    def _begin_run(self) -> None:
+        """Fix, once per run of the prefix or of the task-specific part, how it executes.
+
+        Without autograd (``torch.no_grad`` / ``inference_mode``) activations are updated in place
+        (ReLU, block scale and residual add) and a task-specific block's scale is folded into its
+        ``conv2`` weights when the batch is one task. In eval mode without autograd, the weights
+        sliced for a channel selection are also cached (:meth:`_sliced`), so a selection seen
+        before costs no slicing. The cache is dropped when any parameter was replaced or modified
+        in place (its data pointer or version counter changed), when the module changes mode
+        (``train()`` / ``eval()``) and when it moves or changes dtype (``to``, ``half``...). Writes
+        that bypass the version counter in eval mode (``p.data.copy_``, fused optimisers) must be
+        followed by :meth:`clear_cache`.
+        """
+        self._inplace = not torch.is_grad_enabled()
+        self._caching = self._inplace and not self.training
+        if self._caching:
+            stamp = tuple((p.data_ptr(), p._version) for m in self._cached_modules() for p in m._parameters.values()
+                          if p is not None)
+            if stamp != self._slice_stamp:
+                self._slice_cache.clear()
+                self._slice_stamp = stamp
+
+    def _cached_modules(self) -> list[nn.Module]:
+        """The modules whose parameters the inference cache derives from: the task-specific
+        convolutions and block scales, ``conv_last`` and the controllers (their decisions)."""
+        modules = self.__dict__.get("_cache_modules")
+        if modules is None:
+            modules = [self.conv_last, *self.controllers.values()]
+            for k in range(self.shared_maps, self.num_maps):
+                if k <= 2 * self.nb:
+                    modules.append(self.conv_first if k == 0 else self.recon_trunk[(k - 1) // 2])
+                else:
+                    modules.append(self.upconv if k == 2 * self.nb + 1 else self.HRconv)
+            modules = list(dict.fromkeys(sub for m in modules for sub in m.modules()))
+            self.__dict__["_cache_modules"] = modules
+        return modules
+
+    def clear_cache(self) -> None:
+        """Forget the sliced weights cached for inference (see :meth:`_begin_run`)."""
+        if "_slice_cache" in self.__dict__:
+            self._slice_cache.clear()
+            self._slice_stamp = None
+
+    def train(self, mode: bool = True) -> TASNet:
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): new parameter tensors
+        self.clear_cache()
+        return super()._apply(fn, recurse)
+
+    def _sliced(self, key: tuple, build) -> tuple[Tensor, ...]:
+        """``build()`` (sliced weights), cached under ``key`` when :attr:`_caching`."""
+        if not self._caching:
+            return build()
+        value = self._slice_cache.get(key)
+        if value is None:
+            if len(self._slice_cache) > 16384:
+                self._slice_cache.clear()
+            value = self._slice_cache[key] = tuple(build())
+        return value
+
     # ------------------------------------------------------------------ primitives
-    def _conv(self, conv: nn.Conv2d, x: Tensor, out_index: Tensor | None, in_index: Tensor | None) -> Tensor:
+    def _conv(self, conv: nn.Conv2d, x: Tensor, out_index: Tensor | None, in_index: Tensor | None,
+              key: tuple | None = None, scale: Tensor | None = None) -> Tensor:
         """``conv`` restricted to output rows ``out_index`` and input columns ``in_index`` (None:
         all physical ones); ``x`` holds exactly the kept input channels. No output rows: an
-        empty tensor; no input channels: the bias (the dense conv of an all-zero input)."""
+        empty tensor; no input channels: the bias (the dense conv of an all-zero input).
+        ``key`` names the selection for the sliced-weight cache; ``scale`` (one value per kept
+        output row) is folded into the weights and bias (the output times ``scale``)."""
         batch, _, height, width = x.shape
         (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
         out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
@@ -391,60 +491,146 @@ class TASNet(nn.Module):
             return x.new_zeros(batch, 0, out_h, out_w)
         if x.shape[1] == 0:
             bias = conv.bias if out_index is None else conv.bias.index_select(0, out_index)
-            return bias.to(x.dtype).view(1, -1, 1, 1).expand(batch, -1, out_h, out_w)
-        if out_index is None and in_index is None:
+            if scale is not None:
+                bias = bias * scale
+            bias = bias.to(x.dtype).view(1, -1, 1, 1).expand(batch, -1, out_h, out_w)
+            return bias.contiguous() if self._inplace else bias  # in-place callers need their own tensor
+        if out_index is None and in_index is None and scale is None:
             return conv(x)  # the module itself: hooks see every unsliced conv
-        weight, bias = conv.weight, conv.bias
-        if out_index is not None:
-            weight, bias = weight.index_select(0, out_index), bias.index_select(0, out_index)
-        if in_index is not None:
-            weight = weight.index_select(1, in_index)
+
+        def build() -> tuple[Tensor, Tensor]:
+            weight, bias = conv.weight, conv.bias
+            if out_index is not None:
+                weight, bias = weight.index_select(0, out_index), bias.index_select(0, out_index)
+            if in_index is not None:
+                weight = weight.index_select(1, in_index)
+            return weight, bias
+
+        if _nhwc(x):  # oneDNN wants the weights in the input's layout: convert them once, not per call
+            sliced = build
+
+            def build() -> tuple[Tensor, Tensor]:
+                weight, bias = sliced()
+                return weight.contiguous(memory_format=torch.channels_last), bias
+
+            key = None if key is None else (*key, "nhwc")
+        weight, bias = build() if key is None else self._sliced(key, build)
+        if scale is not None:
+            weight, bias = weight * scale.to(weight.dtype)[:, None, None, None], bias * scale.to(bias.dtype)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding)
+
+    def _align_plan(self, have: tuple[int, ...], want: tuple[int, ...], device: torch.device) -> tuple:
+        """How the channels ``want`` come from a tensor holding ``have``: ``("same",)``,
+        ``("select", src)`` (every wanted channel present) or ``("scatter", dst, src)``."""
+        key = (have, want, device)
+        plan = self._align_plans.get(key)
+        if plan is None:
+            position = {c: p for p, c in enumerate(have)}
+            present = [(p, position[c]) for p, c in enumerate(want) if c in position]
+            if have == want:
+                plan = ("same",)
+            elif len(present) == len(want):
+                plan = ("select", self._tensor(tuple(s for _, s in present), device))
+            else:
+                plan = ("scatter", self._tensor(tuple(d for d, _ in present), device),
+                        self._tensor(tuple(s for _, s in present), device))
+            if len(self._align_plans) > 4096:
+                self._align_plans.clear()
+            self._align_plans[key] = plan
+        return plan
 
     def _align(self, x: Tensor, have: tuple[int, ...], want: tuple[int, ...]) -> Tensor:
         """The channels ``want`` of a map whose tensor ``x`` holds channels ``have`` (absent: 0)."""
-        if have == want:
+        plan = self._align_plan(have, want, x.device)
+        if plan[0] == "same":
             return x
-        position = {c: p for p, c in enumerate(have)}
-        present = [(p, position[c]) for p, c in enumerate(want) if c in position]
-        if len(present) == len(want):
-            return x.index_select(1, self._tensor(tuple(src for _, src in present), x.device))
+        if plan[0] == "select":
+            return _select_channels(x, plan[1])
         out = x.new_zeros(x.shape[0], len(want), *x.shape[2:])
-        if present:
-            dst = self._tensor(tuple(d for d, _ in present), x.device)
-            src = self._tensor(tuple(s for _, s in present), x.device)
-            out = out.index_copy(1, dst, x.index_select(1, src))
+        if plan[1].numel():
+            out = out.index_copy(1, plan[1], x.index_select(1, plan[2]))
         return out
+
+    def _add_aligned_(self, y: Tensor, x: Tensor, have: tuple[int, ...], want: tuple[int, ...]) -> Tensor:
+        """``y + _align(x, have, want)``, in place into ``y`` where its batch allows."""
+        plan = self._align_plan(have, want, x.device)
+        if y.shape[0] < x.shape[0]:  # y still holds one row for the whole batch
+            return y + self._align(x, have, want)
+        if plan[0] == "same":
+            return y.add_(x)
+        if plan[0] == "select":
+            return y.add_(_select_channels(x, plan[1]))
+        if not plan[1].numel():
+            return y
+        if _nhwc(y) and _nhwc(x) and y.shape[0] == x.shape[0]:
+            _rows(y).index_add_(1, plan[1], _rows(x).index_select(1, plan[2]))
+        else:
+            y.index_add_(1, plan[1], x.index_select(1, plan[2]).expand(y.shape[0], -1, -1, -1))
+        return y
+
+    @staticmethod
+    def _shuffle_grouped(x: Tensor) -> Tensor:
+        """``pixel_shuffle(x, 2)`` for a tensor whose channels are ordered (sub-pixel, channel),
+        i.e. channel ``(2 i + j) C + c`` goes to channel c at offset (i, j); in channels_last this
+        is a copy of contiguous runs (``F.pixel_shuffle`` expects the order (channel, sub-pixel)
+        and is several times slower on thin channels_last maps)."""
+        batch, channels, height, width = x.shape
+        c = channels // 4
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            nhwc = x.permute(0, 2, 3, 1).reshape(batch, height, width, 2, 2, c)
+            out = nhwc.permute(0, 1, 3, 2, 4, 5).reshape(batch, 2 * height, 2 * width, c)
+            return out.permute(0, 3, 1, 2)
+        return x.reshape(batch, 2, 2, c, height, width).permute(0, 3, 4, 1, 5, 2).reshape(batch, c, 2 * height, 2 * width)
 
     def _produce(self, k: int, values: dict[int, Tensor], sels: dict[int, _Sel], cond: Tensor | None) -> Tensor:
         """Map k from the maps before it."""
         sel, prev = sels[k], sels[k - 1]
         x = values[k - 1]
         nb = self.nb
+        key = (k, None if sel.index is None else sel.logical, None if prev.index is None else prev.logical)
         if k == 0:
-            y = self._conv(self.conv_first, x, sel.index, None)
+            y = self._conv(self.conv_first, x, sel.index, None, key)
         elif k <= 2 * nb:
             block = self.recon_trunk[(k - 1) // 2]
             if k % 2 == 1:
-                y = F.relu(self._conv(block.conv1, x, sel.index, prev.index))
+                y = self._conv(block.conv1, x, sel.index, prev.index, key)
+                y = y.relu_() if self._inplace else F.relu(y)
             else:
-                residual = self._conv(block.conv2, x, sel.index, prev.index)
                 if block.local_scale is None:
                     scale = block.agnostic_scale[None]
                 elif sel.index is None:
                     scale = block.local_scale(cond)
                 else:
-                    scale = F.linear(cond, block.local_scale.weight.index_select(0, sel.index),
-                                     block.local_scale.bias.index_select(0, sel.index))
-                # the conv output first: the sum keeps its memory format (channels_last stays so)
-                y = residual * scale[:, :, None, None] + self._align(values[k - 2], sels[k - 2].logical, sel.logical)
+                    weight, bias = self._sliced(("scale", k, sel.logical), lambda: (
+                        block.local_scale.weight.index_select(0, sel.index),
+                        block.local_scale.bias.index_select(0, sel.index)))
+                    scale = F.linear(cond, weight, bias)
+                skip, have = values[k - 2], sels[k - 2].logical
+                if self._inplace:
+                    if scale.shape[0] == 1 and (sel.index is not None or prev.index is not None):
+                        # one scale vector: fold it into the (already sliced) weights
+                        y = self._conv(block.conv2, x, sel.index, prev.index, key, scale=scale[0])
+                    else:
+                        y = self._conv(block.conv2, x, sel.index, prev.index, key)
+                        y = y.mul_(scale[:, :, None, None]) if y.shape[0] >= scale.shape[0] else y * scale[:, :, None, None]
+                    y = self._add_aligned_(y, skip, have, sel.logical)
+                else:
+                    residual = self._conv(block.conv2, x, sel.index, prev.index, key)
+                    # the conv output first: the sum keeps its memory format (channels_last stays so)
+                    y = residual * scale[:, :, None, None] + self._align(skip, have, sel.logical)
         elif k == 2 * nb + 1:
-            rows = None
-            if sel.index is not None:
-                rows = (4 * sel.index[:, None] + torch.arange(4, device=sel.index.device)).reshape(-1)
-            y = F.relu(self.pixel_shuffle(self._conv(self.upconv, x, rows, prev.index)))
+            if sel.index is None:
+                y = self.pixel_shuffle(self._conv(self.upconv, x, None, prev.index, key))
+                y = y.relu_() if self._inplace else F.relu(y)
+            else:
+                # rows ordered (sub-pixel, channel): the shuffle is a plain strided copy
+                index = sel.index
+                rows = (torch.arange(4, device=index.device)[:, None] + 4 * index[None, :]).reshape(-1)
+                y = self._conv(self.upconv, x, rows, prev.index, key)
+                y = self._shuffle_grouped(y.relu_() if self._inplace else F.relu(y))  # ReLU commutes with it
         else:
-            y = F.relu(self._conv(self.HRconv, x, sel.index, prev.index))
+            y = self._conv(self.HRconv, x, sel.index, prev.index, key)
+            y = y.relu_() if self._inplace else F.relu(y)
         if sel.mask is not None:
             y = y * sel.mask[:, :, None, None]
         return y
@@ -455,6 +641,7 @@ class TASNet(nn.Module):
         (what the task-specific part reads), plus ``"y"`` (conv_last's output) when every map
         is shared. Task vectors play no part. Counted in ``prefix_calls``."""
         self.prefix_calls += 1
+        self._begin_run()
         values: dict[Any, Tensor] = {-1: padded}
         sels = {k: self._fixed_sel(k) for k in range(-1, self.shared_maps)}
         for k in range(self.shared_maps):
@@ -467,7 +654,10 @@ class TASNet(nn.Module):
 
     def run_specific(self, prefix: dict, padded: Tensor, cond: Tensor, sels: dict[int, _Sel]) -> Tensor:
         """The task-specific part for a batch: ``prefix`` from :meth:`run_prefix` (batch 1 or
-        B), ``padded`` the images (batch 1 or B), ``cond`` (B, cond_dim) -> (B, 3, H, W)."""
+        B), ``padded`` the images (batch 1 or B), ``cond`` (B, cond_dim) -> (B, 3, H, W).
+        Batch-1 inputs of convolutions are repeated per task (every task's convolutions run, as
+        :meth:`flops` counts them); the image itself is only broadcast in the final sum."""
+        self._begin_run()
         batch = cond.shape[0]
 
         def rows(t: Tensor) -> Tensor:
@@ -477,18 +667,25 @@ class TASNet(nn.Module):
                 return t.expand(batch, *t.shape[1:]).contiguous(memory_format=torch.channels_last)
             return t.expand(batch, *t.shape[1:])
 
-        values: dict[Any, Tensor] = {k: rows(v) for k, v in prefix.items() if k != "y"}
-        values[-1] = rows(padded)
+        values: dict[Any, Tensor] = {k: v for k, v in prefix.items() if k != "y"}
+        if self.shared_maps > 0 and self.shared_maps < self.num_maps:  # the first specific conv's input
+            values[self.shared_maps - 1] = rows(values[self.shared_maps - 1])
+        values[-1] = rows(padded) if self.shared_maps == 0 else padded
         y = prefix.get("y")
+        global_scale = self.global_scale(cond)[:, :, None, None]
         if y is None:
             for k in range(self.shared_maps, self.num_maps):
                 values[k] = self._produce(k, values, sels, cond)
                 if k - 2 >= 0:
                     values.pop(k - 2, None)
-            y = self._conv(self.conv_last, values[self.num_maps - 1], None, sels[self.num_maps - 1].index)
-        else:
-            y = rows(y)
-        return values[-1] + y * self.global_scale(cond)[:, :, None, None]
+            last = sels[self.num_maps - 1]
+            key = ("conv_last", None if last.index is None else last.logical)
+            if self._inplace and cond.shape[0] == 1 and last.index is not None:
+                y = self._conv(self.conv_last, values[self.num_maps - 1], None, last.index, key,
+                               scale=global_scale[0, :, 0, 0])
+                return y.add_(padded) if y.shape[0] >= padded.shape[0] else y + padded
+            y = self._conv(self.conv_last, values[self.num_maps - 1], None, last.index, key)
+        return padded + y * global_scale
 
     # ------------------------------------------------------------------ public calls
     def _check_input(self, x: Tensor, cond: Tensor, pairs: bool) -> None:
