@@ -77,3 +77,39 @@ def test_build_models_from_checkpoints(tmp_path):
     tasnet.save(tmp_path / "t.ckpt")
     models, _notes = build_models(tasnet=str(tmp_path / "t.ckpt"), tsnet=str(tmp_path / "t.ckpt"))
     assert list(models)[:3] == ["CResMD", "TSNet", "TASNet"] and models["CResMD"].nf == NF
+
+
+def test_synthetic_tasnet_has_the_intended_widths_and_paper_scale_savings():
+    from cirlab.bench.cost import SYNTHETIC_WIDTHS, synthetic_tasnet
+
+    net = synthetic_tasnet()  # nf 64, nb 32
+    tasks = level_grid("cresmd27")
+    assert net.shared_maps == 42 and len(net.controllers) == 67 - 42
+    masks = net.channel_masks(tasks)
+    mean = tasks.mean(dim=1)
+    for k, mask in masks.items():
+        kind = "out" if k <= 64 and k % 2 == 0 else "inner" if k <= 64 else "upconv" if k == 65 else "HRconv"
+        lo, hi = SYNTHETIC_WIDTHS[kind]
+        widths = mask.sum(dim=1)
+        assert int(widths.min()) == lo and int(widths.max()) == hi
+        assert torch.equal(widths[mean.argsort()], widths[mean.argsort()].sort().values)  # wider for harder tasks
+    assert len(net.architecture["maps"][0]["channels"]) == SYNTHETIC_WIDTHS["prefix_out"]
+    saved = 1 - net.flops(tasks, 180, 320) / cresmd_flops(64, 32, 180, 320, tasks=27)
+    assert 0.95 < saved < 0.96  # the paper: 95.7%
+    # same channels for tasks of equal mean level: fewer groups than tasks
+    assert len(net._groups(tasks, masked=False)) < 27
+
+
+def test_cli_synthetic_interleaved_speedups(tmp_path):
+    out = tmp_path / "cost"
+    assert bench_main(["cost", "--synthetic", "--naive", "none", "--nf", "16", "--nb", "4", "--resolutions", "32x48",
+                       "--repeats", "2", "--warmup", "0", "--threads", "1", "--device", "cpu", "--out", str(out)]) == 0
+    rec = json.loads((out / "cost.json").read_text())
+    assert list(rec["results"]) == ["CResMD", "TASNet-synthetic"] and rec["synthetic"] is True
+    assert "SYNTHETIC" in " ".join(rec["notes"])
+    entry = rec["results"]["TASNet-synthetic"]["32x48"]
+    spread = entry["speedup_spread_vs_reference"]["cpu-1t"]
+    assert spread["min"] <= entry["speedup_vs_reference"]["cpu-1t"] == spread["median"] <= spread["max"]
+    assert entry["efficiency_vs_reference"]["cpu-1t"] == pytest.approx(spread["median"] / entry["flops_ratio_vs_reference"])
+    assert len(entry["latency"]["cpu-1t"]["rounds_s"]) == 2
+    assert "TASNet-synthetic" in (out / "cost.md").read_text()

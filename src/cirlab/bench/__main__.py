@@ -2,8 +2,8 @@
 
     cirlab-bench data [--seconds 10] [--out docs/bench/data.json]
     cirlab-bench search-step [--sizes tiny,full] [--out docs/bench/search_step.json]
-    cirlab-bench cost [--cresmd C.ckpt] [--tasnet T.ckpt] [--tsnet S.ckpt] [--resolutions 180x320,360x640]
-                      [--repeats 3] [--out docs/bench/cost/]
+    cirlab-bench cost [--cresmd C.ckpt] [--tasnet T.ckpt] [--tsnet S.ckpt] [--synthetic] [--naive 0.31,0.62,0.99]
+                      [--resolutions 180x320,360x640] [--threads 1,all] [--repeats 3] [--out docs/bench/cost/]
 
 ``data`` measures the training pipeline's throughput in relative-GT pairs per second
 (64x64 patches, batch 16, all three degradations): once for pair synthesis alone
@@ -15,6 +15,11 @@ printed as a Markdown table.
 ``search-step`` measures one TASNet search training step against one plain CResMD training
 step (same batch 16 and 64x64 patches, interleaved, medians), for the tiny and the full network,
 on the CPU and, when present, the GPU.
+
+``cost`` measures FLOPs and latency of restoring one image under the 27 task vectors (TASNet
+Table 1): CResMD against derived TASNet / TSNet checkpoints, a synthetic paper-scale TASNet
+(``--synthetic``: random weights, paper-shaped widths, clearly labelled) and naively shared
+CResMDs, models timed interleaved, speed-ups per round (docs in ``cirlab/bench/cost.py``).
 """
 
 from __future__ import annotations
@@ -188,7 +193,10 @@ def run_cost(args: argparse.Namespace) -> int:
         resolutions = _parse_resolutions(args.resolutions)
     else:
         resolutions = PAPER_RESOLUTIONS if on_gpu else CPU_RESOLUTIONS
-    models, notes = build_models(args.cresmd, args.tasnet, args.tsnet, nf=args.nf, nb=args.nb)
+    naive = args.naive.strip().lower()
+    fractions = [] if naive in ("", "none") else [float(f) for f in naive.split(",")]
+    models, notes = build_models(args.cresmd, args.tasnet, args.tsnet, nf=args.nf, nb=args.nb, fractions=fractions,
+                                 synthetic=args.synthetic)
     threads = [int(t) if t not in ("all", "") else None for t in args.threads.split(",")]
     record = bench_cost(models, resolutions, grid=args.grid, repeats=args.repeats, warmup=args.warmup,
                         threads=threads, device=device, progress=True)
@@ -197,6 +205,7 @@ def run_cost(args: argparse.Namespace) -> int:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "revision": git_revision(), "machine": machine_description(), "notes": notes,
         "checkpoints": {"cresmd": args.cresmd, "tasnet": args.tasnet, "tsnet": args.tsnet},
+        "synthetic": bool(args.synthetic),
     })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,8 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--threads", default="1,all", help="CPU thread counts to time (all = every core)")
     cost.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                       help="auto: CPU timings plus CUDA when present")
-    cost.add_argument("--nf", type=int, default=64, help="width of the random CResMD (no checkpoint given)")
-    cost.add_argument("--nb", type=int, default=32, help="blocks of the random CResMD (no checkpoint given)")
+    cost.add_argument("--synthetic", action="store_true",
+                      help="add TASNet-synthetic: a derived TASNet of paper-shaped widths (nf, nb below) with random "
+                           "weights, for latency only")
+    cost.add_argument("--naive", default="0.31,0.62,0.99",
+                      help="fractions of CResMD layers naively shared, one model each ('none': no such models)")
+    cost.add_argument("--nf", type=int, default=64, help="width of the random CResMD (no checkpoint given) and of "
+                      "the synthetic TASNet")
+    cost.add_argument("--nb", type=int, default=32, help="blocks of the random CResMD (no checkpoint given) and of "
+                      "the synthetic TASNet")
     cost.add_argument("--out", default="docs/bench/cost/", help="folder for cost.json, cost.md, flops_per_task.png")
     cost.set_defaults(func=run_cost)
     args = parser.parse_args(argv)

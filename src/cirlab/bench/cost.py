@@ -7,9 +7,22 @@ the prefix). Every task runs as its own pass (one task vector per pass, no batch
 tasks), so first and later passes are timed separately; the workload latency is the first pass
 plus all later passes. CResMD shares nothing: each of its passes is a whole inference.
 
-Timings: ``warmup`` untimed runs of the whole workload, then ``repeats`` timed runs; figures
-are medians over the repeats with their min and max. CPU runs use ``channels_last`` (as
-:func:`cirlab.restore.restore` does) and ``torch.set_flush_denormal(True)``.
+Timings: ``warmup`` untimed runs of the whole workload per model, then ``repeats`` timed
+rounds; each round runs every model's workload once, one after the other (interleaved), so a
+speed-up is taken per round (reference round time / model round time) and reported as the
+median over rounds with its min and max: load from other processes hits both sides of a ratio
+alike. Latencies are medians over the rounds with their min and max. CPU runs use
+``channels_last`` (as :func:`cirlab.restore.restore` does) and ``torch.set_flush_denormal(True)``.
+``efficiency_vs_reference`` is the speed-up divided by the FLOPs ratio: how much of the FLOPs
+saved turns into time saved (1 = all of it).
+
+Synthetic paper-scale TASNet (``--synthetic``): :func:`synthetic_tasnet` builds a derived
+TASNet of the paper's size (nf 64, nb 32) whose widths are shaped like the paper's (62% of the
+layers shared as in TASNet Table 4, thinner task-specific layers that widen with the
+restoration level as in its Figure 11, about 95.5% fewer FLOPs than CResMD on the 27-point
+workload) with *random weights*: its outputs mean nothing, its latency is what a trained
+network of those widths costs (latency depends on the widths, not on the weights). It is
+labelled ``TASNet-synthetic`` in every output.
 """
 
 from __future__ import annotations
@@ -37,6 +50,69 @@ def naive_shared_maps(nb: int, fraction: float) -> int:
     """Shared maps of CResMD with its first ``fraction`` of layers shared (as ``naive_shared``)."""
     maps = 2 * nb + 3
     return min(maps, math.floor(fraction * (maps + 1) + 0.5))
+
+
+SYNTHETIC_NAME = "TASNet-synthetic"
+SYNTHETIC_WIDTHS = {"prefix_out": 48, "prefix_inner": 32, "out": (16, 32), "inner": (8, 24), "upconv": (8, 24),
+                    "HRconv": (8, 24)}
+
+
+def synthetic_tasnet(nf: int = 64, nb: int = 32, shared_fraction: float = 0.62,
+                     widths: Mapping | None = None, cond_dim: int = 3, controller_hidden: int = 32,
+                     seed: int = 0) -> TASNet:
+    """A derived TASNet of paper-like widths with random weights (latency benchmarks only).
+
+    The first ``naive_shared_maps(nb, shared_fraction)`` maps are shared: the residual stream
+    (``conv_first`` and block outputs) keeps ``widths["prefix_out"]`` channels, the inner maps
+    ``widths["prefix_inner"]``. Every later map has a controller whose output is
+    ``mean(t) - threshold_c`` for a ranked list of channels: with ``(lo, hi) = widths[kind]``
+    the first ``lo`` channels are always on and the next ``hi - lo`` switch on one by one as
+    the mean restoration level goes from 0 to 1 (``kind``: "out" for block outputs, "inner",
+    "upconv", "HRconv"), so harder tasks get wider layers (TASNet Figure 11) and tasks with
+    equal mean levels share their channels. Channels are picked at random (``seed``); the
+    residual stream uses one ranking throughout, so consecutive block outputs hold nested
+    channel sets. Weights: :class:`TASNet`'s random initialisation. ``widths`` default:
+    :data:`SYNTHETIC_WIDTHS` (for nf = 64; scaled by nf / 64 otherwise).
+    """
+    from cirlab.models.tasnet import make_architecture
+
+    if widths is None:  # the defaults are for nf = 64: scale them
+        def scaled(value: int) -> int:
+            return max(1, min(nf, round(value * nf / 64)))
+
+        widths = {kind: tuple(scaled(v) for v in value) if isinstance(value, tuple) else scaled(value)
+                  for kind, value in SYNTHETIC_WIDTHS.items()}
+    widths = {**SYNTHETIC_WIDTHS, **widths}
+    generator = torch.Generator().manual_seed(seed)
+    num_maps, shared = 2 * nb + 3, naive_shared_maps(nb, shared_fraction)
+    stream = torch.randperm(nf, generator=generator).tolist()
+    channels, plans = [], {}
+    for k in range(num_maps):
+        kind = ("out" if k == 0 or (k <= 2 * nb and k % 2 == 0) else "inner" if k <= 2 * nb
+                else "upconv" if k == 2 * nb + 1 else "HRconv")
+        ranking = stream if kind == "out" else torch.randperm(nf, generator=generator).tolist()
+        if k < shared:
+            channels.append(ranking[: widths["prefix_out" if kind == "out" else "prefix_inner"]])
+        else:
+            channels.append(None)
+            plans[k] = (ranking, *widths[kind])
+    net = TASNet(make_architecture(nf, nb, cond_dim, controller_hidden=controller_hidden, shared_maps=shared,
+                                   channels=channels))
+    with torch.no_grad():
+        for k, (ranking, lo, hi) in plans.items():
+            controller = net.controllers[str(k)]
+            controller.fc1.weight.zero_()
+            controller.fc1.bias.zero_()
+            controller.fc1.weight[0].fill_(1.0 / cond_dim)  # hidden unit 0 = mean level (>= 0)
+            controller.fc2.weight.zero_()
+            controller.fc2.bias.fill_(-1.0)  # off
+            for rank, channel in enumerate(ranking[:hi]):
+                if rank < lo:
+                    controller.fc2.bias[channel] = 1.0  # always on
+                else:
+                    controller.fc2.weight[channel, 0] = 1.0
+                    controller.fc2.bias[channel] = -(rank - lo + 0.5) / (hi - lo)
+    return net.eval()
 
 
 def flops_split(net: nn.Module, tasks: Tensor, height: int, width: int) -> dict:
@@ -87,31 +163,48 @@ def _spread(values: Sequence[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _layout(dev: torch.device) -> torch.memory_format:
+    return torch.channels_last if dev.type == "cpu" else torch.contiguous_format
+
+
+def time_workloads(nets: Mapping[str, nn.Module], height: int, width: int, tasks: Tensor, device: str,
+                   repeats: int = 3, warmup: int = 1) -> dict[str, dict]:
+    """Latency (seconds) of the workload for every model, interleaved: ``warmup`` untimed runs
+    per model, then ``repeats`` rounds that run each model once. Per model: first pass, mean
+    later pass and total as ``{"median", "min", "max"}`` over the rounds, and ``"rounds_s"``
+    (the total of each round, for per-round ratios)."""
+    dev = torch.device(device)
+    nets = {name: net.to(dev).eval() for name, net in nets.items()}
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, height, width, generator=generator).to(dev).contiguous(memory_format=_layout(dev))
+    tasks = tasks.to(dev)
+    flush = torch.set_flush_denormal(True)
+    runs: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in nets}
+    try:
+        for net in nets.values():
+            for _ in range(warmup):
+                _passes(net, image, tasks)
+        for _ in range(repeats):
+            for name, net in nets.items():
+                runs[name].append(_passes(net, image, tasks))
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+    out = {}
+    for name, rounds in runs.items():
+        firsts = [first for first, _ in rounds]
+        laters = [sum(later) / len(later) if later else 0.0 for _, later in rounds]
+        totals = [first + sum(later) for first, later in rounds]
+        out[name] = {"first_pass_s": _spread(firsts), "later_pass_s": _spread(laters), "total_s": _spread(totals),
+                     "rounds_s": totals, "repeats": repeats, "warmup": warmup}
+    return out
+
+
 def time_workload(net: nn.Module, height: int, width: int, tasks: Tensor, device: str,
                   repeats: int = 3, warmup: int = 1) -> dict:
     """Latency (seconds) of the workload: first pass, mean later pass and total, each as
     ``{"median", "min", "max"}`` over ``repeats`` after ``warmup`` untimed runs."""
-    dev = torch.device(device)
-    layout = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
-    net = net.to(dev).eval()
-    generator = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 3, height, width, generator=generator).to(dev).contiguous(memory_format=layout)
-    tasks = tasks.to(dev)
-    flush = torch.set_flush_denormal(True)
-    try:
-        for _ in range(warmup):
-            _passes(net, image, tasks)
-        firsts, laters, totals = [], [], []
-        for _ in range(repeats):
-            first, later = _passes(net, image, tasks)
-            firsts.append(first)
-            laters.append(sum(later) / len(later) if later else 0.0)
-            totals.append(first + sum(later))
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
-    return {"first_pass_s": _spread(firsts), "later_pass_s": _spread(laters), "total_s": _spread(totals),
-            "repeats": repeats, "warmup": warmup}
+    return time_workloads({"net": net}, height, width, tasks, device, repeats, warmup)["net"]
 
 
 def _device_labels(threads: Sequence[int | None], device: str) -> list[tuple[str, str, int | None]]:
@@ -136,8 +229,12 @@ def bench_cost(models: Mapping[str, nn.Module], resolutions: Sequence[tuple[int,
 
     ``device``: "cpu" (one timing per ``threads`` entry; None = all cores), "cuda", or "auto"
     (CPU settings plus CUDA when present). ``reference``: the model ratios are taken against
-    (default "CResMD" if present, else the first). Returns ``{"grid", "tasks", "labels",
-    "devices", "reference", "results": {model: {"HxW": {...}}}}``.
+    (default "CResMD" if present, else the first). The models are timed interleaved
+    (:func:`time_workloads`); per model and resolution: ``flops``, ``latency`` per setting,
+    ``flops_ratio_vs_reference``, ``speedup_vs_reference`` (median per-round ratio),
+    ``speedup_spread_vs_reference`` (its median, min, max) and ``efficiency_vs_reference``
+    (speed-up / FLOPs ratio). Returns ``{"grid", "tasks", "labels", "devices", "reference",
+    "results": {model: {"HxW": {...}}}}``.
     """
     from cirlab.data.evalsets import grid_labels, level_grid
 
@@ -145,32 +242,37 @@ def bench_cost(models: Mapping[str, nn.Module], resolutions: Sequence[tuple[int,
     settings = _device_labels(threads, device)
     reference = reference or ("CResMD" if "CResMD" in models else next(iter(models)))
     saved_threads = torch.get_num_threads()
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {name: {} for name in models}
     try:
-        for name, net in models.items():
-            results[name] = {}
-            for height, width in resolutions:
-                entry = {"height": height, "width": width, "flops": flops_split(net, tasks, height, width),
-                         "latency": {}}
-                for label, dev, count in settings:
-                    if count is not None:
-                        torch.set_num_threads(count)
-                    entry["latency"][label] = time_workload(net, height, width, tasks, dev, repeats, warmup)
+        for height, width in resolutions:
+            key = f"{height}x{width}"
+            for name, net in models.items():
+                results[name][key] = {"height": height, "width": width,
+                                      "flops": flops_split(net, tasks, height, width), "latency": {}}
+            for label, dev, count in settings:
+                if count is not None:
+                    torch.set_num_threads(count)
+                timed = time_workloads(models, height, width, tasks, dev, repeats, warmup)
+                for name, latency in timed.items():
+                    results[name][key]["latency"][label] = latency
                     if progress:
-                        print(f"  {name} {height}x{width} {label}: "
-                              f"{entry['latency'][label]['total_s']['median'] * 1e3:.1f} ms", flush=True)
+                        print(f"  {name} {key} {label}: {latency['total_s']['median'] * 1e3:.1f} ms", flush=True)
+            for net in models.values():
                 net.to("cpu")
-                results[name][f"{height}x{width}"] = entry
     finally:
         torch.set_num_threads(saved_threads)
     for name, per_res in results.items():
         for key, entry in per_res.items():
             base = results[reference][key]
-            entry["flops_ratio_vs_reference"] = base["flops"]["total"] / max(entry["flops"]["total"], 1)
+            flops_ratio = base["flops"]["total"] / max(entry["flops"]["total"], 1)
+            entry["flops_ratio_vs_reference"] = flops_ratio
             entry["flops_saved_vs_reference"] = 1.0 - entry["flops"]["total"] / max(base["flops"]["total"], 1)
-            entry["speedup_vs_reference"] = {
-                label: base["latency"][label]["total_s"]["median"] / max(lat["total_s"]["median"], 1e-12)
+            spreads = {
+                label: _spread([b / max(m, 1e-12) for b, m in zip(base["latency"][label]["rounds_s"], lat["rounds_s"])])
                 for label, lat in entry["latency"].items()}
+            entry["speedup_vs_reference"] = {label: spread["median"] for label, spread in spreads.items()}
+            entry["speedup_spread_vs_reference"] = spreads
+            entry["efficiency_vs_reference"] = {label: spread["median"] / flops_ratio for label, spread in spreads.items()}
     return {"grid": grid if isinstance(grid, str) else "custom", "tasks": tasks.tolist(),
             "labels": grid_labels(tasks), "devices": [s[0] for s in settings], "reference": reference,
             "results": results}
@@ -194,14 +296,16 @@ def markdown_table(record: dict, notes: Sequence[str] = ()) -> str:
     lines += [f"- {note}" for note in notes]
     lines += [("- FLOPs: analytic convolution FLOPs (2 per MAC), G = 1e9; first pass = shared prefix + first "
                "task, later = each further task (mean over tasks). Latency: median over repeats after warm-up, "
-               "[min-max]; one task per pass."), ""]
+               "[min-max]; one task per pass. Speed-up: reference / model per interleaved round, median "
+               "[min-max]; efficiency = speed-up / FLOPs ratio."), ""]
     models = list(record["results"])
     resolutions = list(record["results"][models[0]])
     devices = record["devices"]
     for res in resolutions:
         header = ["model", "GFLOPs first pass", "GFLOPs later pass", "GFLOPs total", f"FLOPs vs {record['reference']}"]
         for dev in devices:
-            header += [f"{dev} first (ms)", f"{dev} later (ms)", f"{dev} total (ms)", f"{dev} speed-up"]
+            header += [f"{dev} first (ms)", f"{dev} later (ms)", f"{dev} total (ms)", f"{dev} speed-up",
+                       f"{dev} efficiency"]
         lines += [f"## {res}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name in models:
             entry = record["results"][name][res]
@@ -215,7 +319,13 @@ def markdown_table(record: dict, notes: Sequence[str] = ()) -> str:
                     row.append(f"{lat[part]['median'] * 1e3:.1f}")
                 total = lat["total_s"]
                 row.append(f"{total['median'] * 1e3:.1f} [{total['min'] * 1e3:.1f}-{total['max'] * 1e3:.1f}]")
-                row.append(f"{entry['speedup_vs_reference'][dev]:.2f}x")
+                spread = entry.get("speedup_spread_vs_reference", {}).get(dev)
+                speedup = f"{entry['speedup_vs_reference'][dev]:.2f}x"
+                if spread:
+                    speedup += f" [{spread['min']:.2f}-{spread['max']:.2f}]"
+                row.append(speedup)
+                efficiency = entry.get("efficiency_vs_reference", {}).get(dev)
+                row.append("" if efficiency is None else f"{efficiency:.2f}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -254,14 +364,21 @@ def plot_flops_per_task(record: dict, path: str | Path, resolution: str | None =
 
 def build_models(cresmd: str | None = None, tasnet: str | None = None, tsnet: str | None = None,
                  nf: int = 64, nb: int = 32, fractions: Sequence[float] = NAIVE_FRACTIONS,
-                 seed: int = 0) -> tuple[dict[str, nn.Module], list[str]]:
+                 seed: int = 0, synthetic: bool = False) -> tuple[dict[str, nn.Module], list[str]]:
     """The benchmark's models and notes on how they were made: CResMD (checkpoint or random
-    init), TSNet / TASNet (derived checkpoints, when given), and CResMD naively shared at each
+    init), TSNet / TASNet (derived checkpoints, when given), the synthetic paper-scale TASNet
+    (``synthetic``: :func:`synthetic_tasnet` at ``nf``, ``nb``) and CResMD naively shared at each
     fraction (from the CResMD weights when given, else random init)."""
     from cirlab.restore import load_network
 
     notes, models = [], {}
     derived = {name: load_network(path) for name, path in (("TSNet", tsnet), ("TASNet", tasnet)) if path}
+    if synthetic:
+        derived[SYNTHETIC_NAME] = synthetic_tasnet(nf, nb, seed=seed)
+        notes.append(f"{SYNTHETIC_NAME} is SYNTHETIC: a derived TASNet (nf {nf}, nb {nb}) with random weights and "
+                     f"paper-shaped widths ({derived[SYNTHETIC_NAME].shared_maps} shared maps, task-specific widths "
+                     f"{SYNTHETIC_WIDTHS}, widening with the mean restoration level): a latency measurement of "
+                     "those widths, not of a trained network.")
     if cresmd:
         base = load_network(cresmd)
         if isinstance(base, TASNet):
@@ -284,5 +401,6 @@ def build_models(cresmd: str | None = None, tasnet: str | None = None, tsnet: st
     return models, notes
 
 
-__all__ = ["CPU_RESOLUTIONS", "PAPER_RESOLUTIONS", "bench_cost", "build_models", "flops_split", "markdown_table",
-           "naive_shared_maps", "plot_flops_per_task", "time_workload"]
+__all__ = ["CPU_RESOLUTIONS", "PAPER_RESOLUTIONS", "SYNTHETIC_NAME", "bench_cost", "build_models", "flops_split",
+           "markdown_table", "naive_shared_maps", "plot_flops_per_task", "synthetic_tasnet", "time_workload",
+           "time_workloads"]

@@ -39,6 +39,13 @@ Execution
   images, then the task-specific part either sliced per group ("sliced", evaluation) or at full
   width with the 0/1 channel masks multiplied in ("masked", training: one batched pass whatever
   the mix of tasks; the values and gradients are those of the sliced execution).
+* Inference (no autograd) takes a faster route to the same numbers (up to float rounding):
+  ReLU, block scale and residual add work in place, a one-task batch folds its block scales and
+  ``global_scale`` into the sliced weights, residual channel alignment and the pixel shuffle stay
+  in channels_last, and (eval mode) the sliced weights (already in the input's memory format) and
+  the task groups are cached per selection, so a workload seen before slices nothing. The cache
+  is checked against the parameters' data pointers and version counters on every run and dropped
+  by ``train()`` / ``eval()`` and device/dtype moves; see :meth:`TASNet.clear_cache`.
 
 Controller decisions are computed in float32 with autocast disabled, so mixed precision never
 flips a channel decision.
