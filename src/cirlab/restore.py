@@ -31,9 +31,11 @@ taken in float32; outputs are returned as float32.
 
 Speed on CPU. The sliced layers have few channels; oneDNN runs such convolutions about twice as
 fast in NHWC as in NCHW, so ``restore`` uses ``channels_last`` on CPU by default (for CResMD too,
-which gains as well). Denormal floats slow x86 convolutions down by an order of magnitude;
-untrained or heavily pruned networks produce them, so timings (and ``cirlab-restore``) should
-run with ``torch.set_flush_denormal(True)``.
+which gains as well). Images given as views of HWC arrays and CResMD's per-task batches get
+channels_last strides that oneDNN recognises (otherwise it runs the whole network in NCHW).
+Denormal floats slow x86 convolutions down by an order of magnitude; untrained or heavily
+pruned networks produce them, so timings (and ``cirlab-restore``) should run with
+``torch.set_flush_denormal(True)``.
 """
 
 from __future__ import annotations
@@ -90,7 +92,13 @@ def _restore_whole(net: nn.Module, image: Tensor, tasks: Tensor, max_batch: int 
     if isinstance(net, TASNet):
         return net.restore(image, tasks, max_batch=max_batch)
     count = tasks.shape[0]
-    outputs = [net(image.expand(len(chunk), -1, -1, -1), chunk) for chunk in tasks.split(max_batch or count)]
+    nhwc = image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
+
+    def batch(size: int) -> Tensor:  # an expanded batch has stride 0: the convs would pick NCHW
+        rows = image.expand(size, -1, -1, -1)
+        return rows.contiguous(memory_format=torch.channels_last) if nhwc and size > 1 else rows
+
+    outputs = [net(batch(len(chunk)), chunk) for chunk in tasks.split(max_batch or count)]
     return torch.cat(outputs)
 
 
@@ -145,6 +153,8 @@ def restore(net: nn.Module | str | Path, image: Tensor, tasks: Tensor, *, tile: 
 
     def run(part: Tensor) -> Tensor:
         part = part.to(device=device, dtype=torch.float32).contiguous(memory_format=layout)
+        if part.stride(0) != part[0].numel():  # e.g. an HWC array permuted to (3, H, W), then [None]: the
+            part = part.clone(memory_format=layout)  # batch stride would make the convs pick NCHW
         context = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
         with context:
             return _restore_whole(net, part, tasks, max_batch).float()

@@ -731,6 +731,8 @@ class TASNet(nn.Module):
         image = image[None] if image.ndim == 3 else image
         if image.shape[0] != 1:
             raise ValueError(f"restore() takes one image; got a batch of {image.shape[0]}")
+        if image.ndim == 4 and image.is_contiguous(memory_format=torch.channels_last) and image.stride(0) != image[0].numel():
+            image = image.clone(memory_format=torch.channels_last)  # an HWC view: keep the convs in NHWC
         self._check_input(image, tasks, pairs=False)
         height, width = image.shape[-2:]
         padded = _pad_even(image)
