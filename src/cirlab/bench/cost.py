@@ -171,8 +171,9 @@ def time_workloads(nets: Mapping[str, nn.Module], height: int, width: int, tasks
                    repeats: int = 3, warmup: int = 1) -> dict[str, dict]:
     """Latency (seconds) of the workload for every model, interleaved: ``warmup`` untimed runs
     per model, then ``repeats`` rounds that run each model once. Per model: first pass, mean
-    later pass and total as ``{"median", "min", "max"}`` over the rounds, and ``"rounds_s"``
-    (the total of each round, for per-round ratios)."""
+    later pass and total as ``{"median", "min", "max"}`` over the rounds, ``"rounds_s"``
+    (the total of each round, for per-round ratios) and, with a warm-up, ``"cold_total_s"``
+    (the first warm-up run: oneDNN primitives and TASNet's sliced-weight cache still empty)."""
     dev = torch.device(device)
     nets = {name: net.to(dev).eval() for name, net in nets.items()}
     generator = torch.Generator().manual_seed(0)
@@ -180,10 +181,12 @@ def time_workloads(nets: Mapping[str, nn.Module], height: int, width: int, tasks
     tasks = tasks.to(dev)
     flush = torch.set_flush_denormal(True)
     runs: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in nets}
+    cold: dict[str, float] = {}
     try:
-        for net in nets.values():
+        for name, net in nets.items():
             for _ in range(warmup):
-                _passes(net, image, tasks)
+                first, later = _passes(net, image, tasks)
+                cold.setdefault(name, first + sum(later))
         for _ in range(repeats):
             for name, net in nets.items():
                 runs[name].append(_passes(net, image, tasks))
@@ -197,6 +200,8 @@ def time_workloads(nets: Mapping[str, nn.Module], height: int, width: int, tasks
         totals = [first + sum(later) for first, later in rounds]
         out[name] = {"first_pass_s": _spread(firsts), "later_pass_s": _spread(laters), "total_s": _spread(totals),
                      "rounds_s": totals, "repeats": repeats, "warmup": warmup}
+        if name in cold:
+            out[name]["cold_total_s"] = cold[name]
     return out
 
 
