@@ -143,6 +143,7 @@ def test_a_stage_built_for_another_model_is_an_error(tmp_path, shared_cache):
     ("pipeline.stages=[derive]", "stage 'derive' needs search_ckpt"),
     ("pipeline.inputs.cresmd_ckpt=/nonexistent/c.ckpt", r"pipeline.inputs.cresmd_ckpt='/nonexistent/c.ckpt': no such file"),
     ("pipeline.cresmd.checkpoint=first", "pipeline.cresmd.checkpoint='first': best or last"),
+    (f"pipeline.inputs.cresmd_ckpt={Path(__file__).resolve()}", "cresmd_ckpt is set but stage 'cresmd' would make it"),
     ("pipeline.cresmd.extra=3", "pipeline.cresmd.extra must be a list of Hydra overrides"),
 ])
 def test_bad_pipeline_settings_name_the_key(override, message):

@@ -88,6 +88,10 @@ def check_pipeline_config(cfg: DictConfig) -> dict:
             raise PipelineError(f"pipeline.inputs.{key}: unknown input; known: {sorted(PRODUCT.values())}")
         if value and not Path(value).is_file():
             raise PipelineError(f"pipeline.inputs.{key}={value!r}: no such file")
+    for stage in stages:
+        if stage in PRODUCT and inputs.get(PRODUCT[stage]):
+            raise PipelineError(f"pipeline.inputs.{PRODUCT[stage]} is set but stage {stage!r} would make it: "
+                                f"drop {stage!r} from pipeline.stages or unset the input")
     made = {PRODUCT[s] for s in stages if s in PRODUCT} | {k for k, v in inputs.items() if v}
     for stage in stages:
         for need in NEEDS.get(stage, []):
@@ -426,6 +430,14 @@ def _print_artifacts(manifest: dict) -> None:
         if value:
             lines.append(f"  {label + ':':<22} {value}")
     lines.append(f"  {'manifest:':<22} {Path(manifest['run_dir']) / 'pipeline.json'}")
+    evaluated = (manifest["stages"].get("evaluate") or {}).get("products", {}).get("metrics", {})
+    if evaluated:
+        lines.append("  test/psnr: " + ", ".join(f"{name} {m.get('test/psnr', float('nan')):.2f} dB"
+                                                for name, m in evaluated.items()))
+    ratios = (manifest["stages"].get("bench") or {}).get("products", {}).get("tasnet_vs_cresmd", {})
+    for res, entry in ratios.items():
+        speed = ", ".join(f"{label} {value:.2f}x" for label, value in entry["speedup"].items())
+        lines.append(f"  TASNet vs CResMD at {res}: {entry['flops_ratio']:.2f}x fewer FLOPs, faster by {speed}")
     log.info("\n".join(lines))
 
 
