@@ -120,3 +120,20 @@ def test_grouped_pixel_shuffle(layout):
     grouped = x.view(2, 5, 4, 6, 7).transpose(1, 2).reshape(2, 20, 6, 7)  # channel (ij, c) <- (c, ij)
     out = TASNet._shuffle_grouped(grouped.contiguous(memory_format=layout))
     assert torch.equal(out, F.pixel_shuffle(x, 2))
+
+
+def test_cache_is_bounded(monkeypatch):
+    import cirlab.models.tasnet as tasnet_module
+
+    net = tasnet(2, seed=6)
+    image = torch.rand(3, 12, 12)
+    with torch.no_grad():
+        net.restore(image, TASKS)
+    full = net._slice_bytes
+    assert full > 0
+    monkeypatch.setattr(tasnet_module, "SLICE_CACHE_BYTES", full // 2)
+    net.clear_cache()
+    with torch.no_grad():
+        out = net.restore(image, TASKS)
+    assert net._slice_bytes <= full // 2
+    assert torch.allclose(out, reference(net, image, TASKS), atol=1e-5, rtol=0)

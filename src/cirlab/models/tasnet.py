@@ -84,6 +84,7 @@ from cirlab.models.flops import MaskState, masked_flops, masked_flops_breakdown,
 FORMAT = "cirlab.tasnet"
 VERSION = 1
 SELECTIONS = ("fixed", "controller")
+SLICE_CACHE_BYTES = 256 * 2**20  # inference cache of sliced weights: emptied when it would grow past this
 
 
 def _plain(value: Any) -> Any:
@@ -275,6 +276,7 @@ class TASNet(nn.Module):
         self._align_plans: dict[tuple, tuple] = {}
         self._slice_cache: dict[tuple, tuple[Tensor, ...]] = {}
         self._slice_stamp: tuple | None = None
+        self._slice_bytes = 0
         self._inplace = False  # set per run by _begin_run
         self._caching = False
         self.prefix_calls = 0  # how many times the shared prefix ran (tests, benchmarks)
@@ -416,6 +418,9 @@ class TASNet(nn.Module):
                 group_sels[k] = _Sel(self._tensor(on, device), None, on)
             groups.append((rows, group_sels))
         if key is not None:
+            if len(self._slice_cache) > 65536:
+                self._slice_cache.clear()
+                self._slice_bytes = 0
             self._slice_cache[key] = groups
         return groups
 
@@ -440,6 +445,7 @@ class TASNet(nn.Module):
                           if p is not None)
             if stamp != self._slice_stamp:
                 self._slice_cache.clear()
+                self._slice_bytes = 0
                 self._slice_stamp = stamp
 
     def _cached_modules(self) -> list[nn.Module]:
@@ -461,7 +467,9 @@ class TASNet(nn.Module):
         """Forget the sliced weights cached for inference (see :meth:`_begin_run`)."""
         if "_slice_cache" in self.__dict__:
             self._slice_cache.clear()
+            self._slice_bytes = 0
             self._slice_stamp = None
+            self.__dict__.pop("_cache_modules", None)  # rebuilt on next use (submodules may be replaced)
 
     def train(self, mode: bool = True) -> TASNet:
         self.clear_cache()
@@ -477,9 +485,13 @@ class TASNet(nn.Module):
             return build()
         value = self._slice_cache.get(key)
         if value is None:
-            if len(self._slice_cache) > 16384:
+            value = tuple(build())
+            size = sum(t.numel() * t.element_size() for t in value)
+            if self._slice_bytes + size > SLICE_CACHE_BYTES:  # many distinct selections (e.g. a slider)
                 self._slice_cache.clear()
-            value = self._slice_cache[key] = tuple(build())
+                self._slice_bytes = 0
+            self._slice_cache[key] = value
+            self._slice_bytes += size
         return value
 
     # ------------------------------------------------------------------ primitives
