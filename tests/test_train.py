@@ -57,6 +57,18 @@ def test_tiny_run_leaves_checkpoints_tables_metrics_and_picture(train_cfg, tmp_p
     assert all(key.startswith("net.") for key in state["state_dict"])
 
 
+def test_last_ckpt_is_the_newest_state_when_the_monitored_metric_stops_improving(train_cfg):
+    """Lightning 2.6's save_last only follows new best checkpoints; cirlab's LastCheckpoint does not."""
+    cfg = train_cfg("data.batches_per_epoch=2", "trainer.max_steps=6", "test=false",
+                    "callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=min")
+    from cirlab.train import run_training
+
+    run = run_training(cfg)
+    assert read_state(run.best_ckpt)["global_step"] == 2  # the best by this monitor is the first
+    assert run.last_ckpt.endswith("last.ckpt") and read_state(run.last_ckpt)["global_step"] == 6
+    assert not list(Path(run.last_ckpt).parent.glob(".*.tmp"))
+
+
 def test_eval_scores_a_checkpoint_and_writes_tables(train_cfg, tmp_path, shared_cache):
     cfg = train_cfg()
     train(cfg)
@@ -77,7 +89,7 @@ def test_eval_without_checkpoint_names_the_path(train_cfg):
 
 @pytest.mark.slow
 def test_resume_mid_epoch_continues_steps_schedule_and_data(train_cfg, tmp_path):
-    common = ["data.batches_per_epoch=3", "callbacks.model_checkpoint.every_n_train_steps=2", "test=false",
+    common = ["data.batches_per_epoch=3", "callbacks.last_checkpoint.every_n_train_steps=2", "test=false",
               "callbacks.task_grid_picture=null", "model.scheduler.milestones=[3,5]"]
     straight = train_cfg(*common, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'straight'}")
     train(straight)

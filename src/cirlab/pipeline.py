@@ -198,6 +198,9 @@ def _run_training(stage: Stage, spec: dict, wandb_group: str) -> dict[str, Any]:
         run = run_training(cfg)
     finally:
         finish_wandb()
+    if last.is_file():  # a resumed job that had already reached its last step runs no loop and saves nothing
+        run.last_ckpt = run.last_ckpt or str(last)
+        run.best_ckpt = run.best_ckpt or _best_recorded_in(last)
     choice = spec[stage.name].get("checkpoint", "best")
     ckpt = (run.best_ckpt if choice == "best" else run.last_ckpt) or run.last_ckpt or run.best_ckpt
     if not ckpt:
@@ -205,6 +208,18 @@ def _run_training(stage: Stage, spec: dict, wandb_group: str) -> dict[str, Any]:
                             f"(callbacks.model_checkpoint disabled?) in {stage.folder}")
     return {PRODUCT[stage.name]: ckpt, "run_dir": str(stage.folder),
             "metrics": {k: v for k, v in run.metrics.items() if "_grid/" not in k}}
+
+
+def _best_recorded_in(checkpoint: Path) -> str:
+    """The best checkpoint a Lightning checkpoint's ModelCheckpoint state points to ("" if none)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key, value in (state.get("callbacks") or {}).items():
+        path = value.get("best_model_path") if isinstance(value, dict) else None
+        if str(key).startswith("ModelCheckpoint") and path and Path(path).is_file():
+            return str(path)
+    return ""
 
 
 def _run_derive(stage: Stage, spec: dict, search_ckpt: str) -> dict[str, Any]:

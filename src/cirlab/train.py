@@ -100,9 +100,10 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         log.info("run directory: %s", cfg.paths.output_dir)
         if picture:
             log.info("outputs at several task vectors: %s", picture)
-    callback = trainer.checkpoint_callback
-    best = getattr(callback, "best_model_path", "") or ""
-    last = getattr(callback, "last_model_path", "") or ""
+    from cirlab.callbacks import LastCheckpoint
+
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+    last = next((c.last_path for c in callbacks if isinstance(c, LastCheckpoint)), "")
     return TrainingRun(metrics, best, last, str(cfg.paths.output_dir))
 
 
