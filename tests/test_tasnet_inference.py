@@ -137,3 +137,14 @@ def test_cache_is_bounded(monkeypatch):
         out = net.restore(image, TASKS)
     assert net._slice_bytes <= full // 2
     assert torch.allclose(out, reference(net, image, TASKS), atol=1e-5, rtol=0)
+
+
+def test_a_double_precision_network_restores_in_double():
+    net = tasnet(2, seed=5)
+    image = torch.rand(1, 3, 16, 20)
+    expected = reference(net, image, TASKS)
+    net = net.double()
+    with torch.no_grad():
+        out = net.restore(image.double(), TASKS.double())
+    assert out.dtype == torch.float64
+    assert torch.allclose(out.float(), expected, atol=1e-5, rtol=0)

@@ -350,8 +350,13 @@ class TASNet(nn.Module):
     def channel_masks(self, tasks: Tensor) -> dict[int, Tensor]:
         """{k: (M, nf) bool} for every controller map: channel c of map k is on for task m.
         float32, autocast off: mixed precision never changes a decision."""
+        if not self._controlled:
+            return {}
+        # float32, or float64 after net.double(): the controllers' own precision when higher
+        weight_dtype = next(self.controllers[str(self._controlled[0])].parameters()).dtype
+        dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=tasks.device.type, enabled=False):
-            tasks = tasks.float()
+            tasks = tasks.to(dtype)
             return {k: self.controllers[str(k)](tasks) > 0 for k in self._controlled}
 
     def mask_state(self, tasks: Tensor) -> MaskState:
