@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from cirlab.utils.run import write_json_atomically
+from cirlab.utils.run import write_json_atomically, write_text_atomically
 
 
 def machine_description() -> dict:
@@ -211,7 +211,7 @@ def run_cost(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomically(out / "cost.json", record)
     table = markdown_table(record, notes)
-    (out / "cost.md").write_text(table + "\n")
+    write_text_atomically(out / "cost.md", table + "\n")
     plot_flops_per_task(record, out / "flops_per_task.png")
     print(table)
     print(f"written to {out / 'cost.json'}, {out / 'cost.md'}, {out / 'flops_per_task.png'}")

@@ -361,8 +361,9 @@ def plot_flops_per_task(record: dict, path: str | Path, resolution: str | None =
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from cirlab.callbacks import save_figure_atomically
+
+    save_figure_atomically(fig, path)
     plt.close(fig)
     return path
 
