@@ -69,6 +69,20 @@ def test_last_ckpt_is_the_newest_state_when_the_monitored_metric_stops_improving
     assert not list(Path(run.last_ckpt).parent.glob(".*.tmp"))
 
 
+def test_a_resumed_run_keeps_the_csv_rows_of_the_interrupted_one(train_cfg, tmp_path):
+    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
+    first = train_cfg("data.batches_per_epoch=2", "trainer.max_steps=2", "test=false", "trainer.log_every_n_steps=1", run_dir)
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    train(train_cfg("data.batches_per_epoch=2", "trainer.max_steps=4", "test=false", "trainer.log_every_n_steps=1",
+                    run_dir, f"ckpt_path={last}"))
+    files = sorted((tmp_path / "run" / "csv").glob("version_*/metrics.csv"))
+    assert [f.parent.name for f in files] == ["version_0", "version_1"]
+    steps = [{int(row.split(",")[header.index("step")]) for row in rows if row.split(",")[header.index("step")]}
+             for header, rows in ((text[0].split(","), text[1:]) for text in (f.read_text().splitlines() for f in files))]
+    assert min(steps[0]) < 2 <= max(steps[1])  # the first start's rows are still there
+
+
 def test_eval_scores_a_checkpoint_and_writes_tables(train_cfg, tmp_path, shared_cache):
     cfg = train_cfg()
     train(cfg)
