@@ -28,6 +28,7 @@ import logging
 import shlex
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cirlab.config import CONFIG_DIR, compose_job, register_configs, validate_config
-from cirlab.utils.run import write_json_atomically, write_text_atomically
+from cirlab.utils.run import (
+    attach_log_file,
+    detach_log_file,
+    write_job_files,
+    write_json_atomically,
+    write_text_atomically,
+)
 from cirlab.utils.wandb import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -193,7 +200,7 @@ def _run_training(stage: Stage, spec: dict, wandb_group: str) -> dict[str, Any]:
             cfg.logger.wandb.group = wandb_group
             cfg.logger.wandb.name = stage.name
             cfg.logger.wandb.job_type = stage.name
-    _write_job_files(cfg, overrides, stage.folder)
+    write_job_files(cfg, overrides, stage.folder)
     try:
         run = run_training(cfg)
     finally:
@@ -247,7 +254,7 @@ def _run_evaluate(stage: Stage, spec: dict, seed: int, checkpoints: dict[str, st
         folder = stage.folder / name.lower()
         overrides = _eval_overrides(spec, seed, ckpt)
         cfg = compose_job("eval", overrides, folder)
-        _write_job_files(cfg, overrides, folder)
+        write_job_files(cfg, overrides, folder)
         try:
             scored[name] = evaluate(cfg)
         finally:
@@ -317,10 +324,8 @@ def comparison_table(scored: dict[str, dict[str, float]], rows: dict[str, list[d
 
 
 def _run_bench(stage: Stage, spec: dict, cresmd_ckpt: str, tasnet_ckpt: str) -> dict[str, Any]:
-    import datetime as dt
-
-    from cirlab.bench.__main__ import _parse_resolutions, git_revision, machine_description
-    from cirlab.bench.cost import bench_cost, build_models, markdown_table, plot_flops_per_task
+    from cirlab.bench.__main__ import _parse_resolutions, write_cost_outputs
+    from cirlab.bench.cost import bench_cost, build_models
 
     node = spec.get("bench") or {}
     resolutions = _parse_resolutions(",".join(str(r) for r in node.get("resolutions", ["180x320"])))
@@ -331,43 +336,24 @@ def _run_bench(stage: Stage, spec: dict, cresmd_ckpt: str, tasnet_ckpt: str) -> 
     record = bench_cost(models, resolutions, grid=node.get("grid", "cresmd27"), repeats=int(node.get("repeats", 3)),
                         warmup=int(node.get("warmup", 1)), threads=list(node.get("threads", [1, None])),
                         device=node.get("device", "auto"), progress=True)
-    record.update({"command": "cirlab-pipeline (stage bench)",
-                   "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   "revision": git_revision(), "machine": machine_description(), "notes": notes,
-                   "checkpoints": {"cresmd": cresmd_ckpt, "tasnet": tasnet_ckpt}})
-    write_json_atomically(stage.folder / "cost.json", record)
-    table = markdown_table(record, notes)
-    write_text_atomically(stage.folder / "cost.md", table + "\n")
-    plot = plot_flops_per_task(record, stage.folder / "flops_per_task.png")
+    table = write_cost_outputs(record, stage.folder, "cirlab-pipeline (stage bench)", notes,
+                               checkpoints={"cresmd": cresmd_ckpt, "tasnet": tasnet_ckpt})
     log.info("cost benchmark:\n%s", table)
     ratios = {}
     for res, entry in record["results"].get("TASNet", {}).items():
         ratios[res] = {"flops_ratio": entry["flops_ratio_vs_reference"], "speedup": entry["speedup_vs_reference"]}
     return {"cost_json": str(stage.folder / "cost.json"), "cost_md": str(stage.folder / "cost.md"),
-            "flops_per_task_png": str(plot), "tasnet_vs_cresmd": ratios}
+            "flops_per_task_png": str(stage.folder / "flops_per_task.png"), "tasnet_vs_cresmd": ratios}
 
 
-def _write_job_files(cfg: DictConfig, overrides: list[str], folder: Path) -> None:
-    """What Hydra writes for a job: the composed config (without Hydra's node) and the overrides."""
-    job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
-    write_text_atomically(folder / ".hydra" / "config.yaml", OmegaConf.to_yaml(job))
-    write_text_atomically(folder / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-
-
-class _StageLog:
+@contextmanager
+def _stage_log(folder: Path, name: str):
     """Copies the log of one stage into ``<stage>/<stage>.log`` while it runs."""
-
-    def __init__(self, folder: Path, name: str) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.handler = logging.FileHandler(folder / f"{name}.log")
-        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-
-    def __enter__(self) -> None:
-        logging.getLogger().addHandler(self.handler)
-
-    def __exit__(self, *exc) -> None:
-        logging.getLogger().removeHandler(self.handler)
-        self.handler.close()
+    handler = attach_log_file(folder / f"{name}.log")
+    try:
+        yield
+    finally:
+        detach_log_file(handler)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -404,7 +390,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str
         else:
             log.info("stage %s: starting in %s", name, folder)
             started = time.perf_counter()
-            with _StageLog(folder, name):
+            with _stage_log(folder, name):
                 if name in TRAINING:
                     result = _run_training(stage, spec, f"{cfg.task_name}-{run_dir.name}")
                 elif name == "derive":

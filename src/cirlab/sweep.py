@@ -81,7 +81,13 @@ from optuna.trial import TrialState
 
 from cirlab.config import compose_job, validate_config
 from cirlab.utils.files import atomic_path
-from cirlab.utils.run import write_json_atomically, write_text_atomically
+from cirlab.utils.run import (
+    attach_log_file,
+    detach_log_file,
+    write_job_files,
+    write_json_atomically,
+    write_text_atomically,
+)
 from cirlab.utils.wandb import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -386,13 +392,6 @@ def _label_wandb_runs(cfg: DictConfig, spec: StudySpec, number: int, overrides: 
                 entry.name = f"{spec.study_name}-trial_{number}"
 
 
-def _write_job_files(cfg: DictConfig, overrides: list[str], run_dir: Path) -> None:
-    """What Hydra writes for a job: the composed config (without Hydra's node) and the overrides."""
-    job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
-    write_text_atomically(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(job))
-    write_text_atomically(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-
-
 def _run_trial(study: optuna.Study, spec: StudySpec, overrides: list[str]) -> optuna.trial.FrozenTrial:
     global _ACTIVE_TRIAL
     trial = study.ask()
@@ -404,9 +403,7 @@ def _run_trial(study: optuna.Study, spec: StudySpec, overrides: list[str]) -> op
         trial.set_user_attr("overrides", job_overrides)
         trial.set_user_attr("run_dir", str(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-        logging.getLogger().addHandler(handler)
+        handler = attach_log_file(run_dir / "train.log")
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()))
         cfg = compose_job("train", job_overrides, run_dir)
         if spec.pruner is not None:
@@ -415,7 +412,7 @@ def _run_trial(study: optuna.Study, spec: StudySpec, overrides: list[str]) -> op
                     cfg.callbacks = {}
                 cfg.callbacks.optuna_pruning = {"_target_": "cirlab.sweep.OptunaPruning", "monitor": spec.objectives[0][0]}
         _label_wandb_runs(cfg, spec, trial.number, job_overrides)
-        _write_job_files(cfg, job_overrides, run_dir)
+        write_job_files(cfg, job_overrides, run_dir)
         _ACTIVE_TRIAL = trial
         try:
             metrics = train_job(cfg)
@@ -445,8 +442,7 @@ def _run_trial(study: optuna.Study, spec: StudySpec, overrides: list[str]) -> op
         raise
     finally:
         if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+            detach_log_file(handler)
 
 
 def run_sweep(overrides: Sequence[str]) -> SweepResult:

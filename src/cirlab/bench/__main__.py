@@ -183,8 +183,6 @@ def run_cost(args: argparse.Namespace) -> int:
         PAPER_RESOLUTIONS,
         bench_cost,
         build_models,
-        markdown_table,
-        plot_flops_per_task,
     )
 
     device = args.device
@@ -200,22 +198,28 @@ def run_cost(args: argparse.Namespace) -> int:
     threads = [int(t) if t not in ("all", "") else None for t in args.threads.split(",")]
     record = bench_cost(models, resolutions, grid=args.grid, repeats=args.repeats, warmup=args.warmup,
                         threads=threads, device=device, progress=True)
-    record.update({
-        "command": "cirlab-bench " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "revision": git_revision(), "machine": machine_description(), "notes": notes,
-        "checkpoints": {"cresmd": args.cresmd, "tasnet": args.tasnet, "tsnet": args.tsnet},
-        "synthetic": bool(args.synthetic),
-    })
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    table = write_cost_outputs(record, out, "cirlab-bench " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
+                               notes, checkpoints={"cresmd": args.cresmd, "tasnet": args.tasnet, "tsnet": args.tsnet},
+                               synthetic=bool(args.synthetic))
+    print(table)
+    print(f"written to {out / 'cost.json'}, {out / 'cost.md'}, {out / 'flops_per_task.png'}")
+    return 0
+
+
+def write_cost_outputs(record: dict, out: Path, command: str, notes: list[str], **meta) -> str:
+    """Stamp a :func:`cirlab.bench.cost.bench_cost` record (command, date, revision, machine,
+    notes, ``meta``) and write ``cost.json``, ``cost.md`` and ``flops_per_task.png`` into
+    ``out``; returns the Markdown table."""
+    from cirlab.bench.cost import markdown_table, plot_flops_per_task
+
+    record.update({"command": command, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   "revision": git_revision(), "machine": machine_description(), "notes": notes, **meta})
     write_json_atomically(out / "cost.json", record)
     table = markdown_table(record, notes)
     write_text_atomically(out / "cost.md", table + "\n")
     plot_flops_per_task(record, out / "flops_per_task.png")
-    print(table)
-    print(f"written to {out / 'cost.json'}, {out / 'cost.md'}, {out / 'flops_per_task.png'}")
-    return 0
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:

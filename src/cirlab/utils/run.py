@@ -77,3 +77,30 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 def write_json_atomically(path: Path, data: Any) -> None:
     write_text_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def attach_log_file(path: Path) -> logging.Handler:
+    """Copy the root logger into ``path`` (Hydra's job-log format) until :func:`detach_log_file`;
+    for drivers that run several jobs in one process (sweeps, the pipeline)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def detach_log_file(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def write_job_files(cfg: DictConfig, overrides: list[str], run_dir: Path) -> None:
+    """What Hydra writes for a job: the composed config (without Hydra's node) and the overrides."""
+    from omegaconf import OmegaConf
+
+    job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    write_text_atomically(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(job))
+    write_text_atomically(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
