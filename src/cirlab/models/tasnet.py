@@ -218,6 +218,29 @@ def _nhwc(x: Tensor) -> bool:
     return x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _as_nhwc(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) with the exact channels_last strides: a view when its memory already
+    is in that order (always so for one channel), else a copy. oneDNN picks a convolution's
+    output layout from these strides, and a one- or zero-channel map with plain strides (which
+    is channels_last too, ambiguously) would switch every later convolution of the pass to
+    NCHW, about twice as slow on thin maps."""
+    batch, channels, height, width = x.shape
+    strides = (height * width * channels, 1, width * channels, channels)
+    if x.stride() == strides:
+        return x
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x.as_strided(x.shape, strides)
+    return x.new_empty(batch, height, width, channels).permute(0, 3, 1, 2).copy_(x)
+
+
+def _new_zeros(like: Tensor, shape: tuple[int, ...], nhwc: bool) -> Tensor:
+    """Zeros of a 4-d ``shape`` with ``like``'s dtype and device, channels_last when ``nhwc``."""
+    if not nhwc:
+        return like.new_zeros(shape)
+    batch, channels, height, width = shape
+    return like.new_zeros(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
 def _rows(x: Tensor) -> Tensor:
     """A channels_last (N, C, H, W) tensor as its (N H W, C) matrix (a view)."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
@@ -278,6 +301,7 @@ class TASNet(nn.Module):
         self._slice_stamp: tuple | None = None
         self._slice_bytes = 0
         self._inplace = False  # set per run by _begin_run
+        self._nhwc_run = False  # set per run from the image's layout: keep every map channels_last
         self._caching = False
         self.prefix_calls = 0  # how many times the shared prefix ran (tests, benchmarks)
         self.execution = "auto"  # forward(): "auto" (masked in training, sliced in eval), "sliced", "masked"
@@ -512,13 +536,18 @@ class TASNet(nn.Module):
         out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
         rows = conv.weight.shape[0] if out_index is None else out_index.numel()
         if rows == 0:
-            return x.new_zeros(batch, 0, out_h, out_w)
+            return _new_zeros(x, (batch, 0, out_h, out_w), self._nhwc_run)
         if x.shape[1] == 0:
             bias = conv.bias if out_index is None else conv.bias.index_select(0, out_index)
             if scale is not None:
                 bias = bias * scale
-            bias = bias.to(x.dtype).view(1, -1, 1, 1).expand(batch, -1, out_h, out_w)
-            return bias.contiguous() if self._inplace else bias  # in-place callers need their own tensor
+            bias = bias.to(x.dtype).view(1, -1, 1, 1)
+            if not self._inplace:
+                return bias.expand(batch, -1, out_h, out_w)
+            # in-place callers need their own tensor, in the run's layout
+            return _new_zeros(x, (batch, rows, out_h, out_w), self._nhwc_run).add_(bias)
+        if self._nhwc_run:
+            x = _as_nhwc(x)
         if out_index is None and in_index is None and scale is None:
             return conv(x)  # the module itself: hooks see every unsliced conv
 
@@ -530,12 +559,12 @@ class TASNet(nn.Module):
                 weight = weight.index_select(1, in_index)
             return weight, bias
 
-        if _nhwc(x):  # oneDNN wants the weights in the input's layout: convert them once, not per call
+        if self._nhwc_run:  # oneDNN wants the weights in the input's layout: convert them once, not per call
             sliced = build
 
             def build() -> tuple[Tensor, Tensor]:
                 weight, bias = sliced()
-                return weight.contiguous(memory_format=torch.channels_last), bias
+                return _as_nhwc(weight), bias
 
             key = None if key is None else (*key, "nhwc")
         weight, bias = build() if key is None else self._sliced(key, build)
@@ -570,7 +599,7 @@ class TASNet(nn.Module):
             return x
         if plan[0] == "select":
             return _select_channels(x, plan[1])
-        out = x.new_zeros(x.shape[0], len(want), *x.shape[2:])
+        out = _new_zeros(x, (x.shape[0], len(want), *x.shape[2:]), self._nhwc_run)
         if plan[1].numel():
             out = out.index_copy(1, plan[1], x.index_select(1, plan[2]))
         return out
@@ -666,6 +695,7 @@ class TASNet(nn.Module):
         is shared. Task vectors play no part. Counted in ``prefix_calls``."""
         self.prefix_calls += 1
         self._begin_run()
+        self._nhwc_run = _nhwc(padded)
         values: dict[Any, Tensor] = {-1: padded}
         sels = {k: self._fixed_sel(k) for k in range(-1, self.shared_maps)}
         for k in range(self.shared_maps):
@@ -682,13 +712,14 @@ class TASNet(nn.Module):
         Batch-1 inputs of convolutions are repeated per task (every task's convolutions run, as
         :meth:`flops` counts them); the image itself is only broadcast in the final sum."""
         self._begin_run()
+        self._nhwc_run = _nhwc(padded)
         batch = cond.shape[0]
 
         def rows(t: Tensor) -> Tensor:
             if t.shape[0] != 1 or batch == 1:
                 return t
-            if t.ndim == 4 and t.shape[1] > 1 and t.is_contiguous(memory_format=torch.channels_last):
-                return t.expand(batch, *t.shape[1:]).contiguous(memory_format=torch.channels_last)
+            if self._nhwc_run and t.ndim == 4:
+                return _as_nhwc(t.expand(batch, *t.shape[1:]).contiguous(memory_format=torch.channels_last))
             return t.expand(batch, *t.shape[1:])
 
         values: dict[Any, Tensor] = {k: v for k, v in prefix.items() if k != "y"}
