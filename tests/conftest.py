@@ -59,15 +59,29 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cirlab-cache")
 
 
+_JOB_DIRS: list[Path] = []  # the session's folder for run directories of composed configs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _job_dir_root(tmp_path_factory):
+    """Run directories of :func:`compose` go under pytest's temporary folder, which pytest
+    prunes (keeping the last three sessions), not straight into the system's temp folder."""
+    _JOB_DIRS.append(tmp_path_factory.mktemp("cirlab-jobs"))
+    yield
+    _JOB_DIRS.clear()
+
+
 def compose(config_name: str, overrides: list[str]):
     """Compose a config of the real tree as one job (Hydra's own node included, so ${hydra:...}
-    resolves); the run directory is the last ``hydra.run.dir=`` override, else a fresh temp dir."""
+    resolves); the run directory is the last ``hydra.run.dir=`` override, else a fresh folder
+    under the session's temporary folder."""
     import tempfile
 
     from cirlab.config import compose_job
 
     run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
-    return compose_job(config_name, overrides, run_dirs[-1] if run_dirs else tempfile.mkdtemp(prefix="cirlab-job-"))
+    run_dir = run_dirs[-1] if run_dirs else tempfile.mkdtemp(prefix="job-", dir=_JOB_DIRS[-1] if _JOB_DIRS else None)
+    return compose_job(config_name, overrides, run_dir)
 
 
 @pytest.fixture
