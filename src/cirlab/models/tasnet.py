@@ -41,11 +41,14 @@ Execution
   the mix of tasks; the values and gradients are those of the sliced execution).
 * Inference (no autograd) takes a faster route to the same numbers (up to float rounding):
   ReLU, block scale and residual add work in place, a one-task batch folds its block scales and
-  ``global_scale`` into the sliced weights, residual channel alignment and the pixel shuffle stay
-  in channels_last, and (eval mode) the sliced weights (already in the input's memory format) and
-  the task groups are cached per selection, so a workload seen before slices nothing. The cache
-  is checked against the parameters' data pointers and version counters on every run and dropped
+  ``global_scale`` into the sliced weights, and (eval mode) the sliced weights and the task
+  groups are cached per selection, so a workload seen before slices nothing. The cache is
+  checked against the parameters' data pointers and version counters on every run and dropped
   by ``train()`` / ``eval()`` and device/dtype moves; see :meth:`TASNet.clear_cache`.
+* A pass on a channels_last image stays channels_last throughout: every map and sliced weight
+  gets exact channels_last strides (one- and zero-channel maps too, which are also "plain
+  contiguous" and would otherwise turn the rest of the pass NCHW), and the residual channel
+  alignment and the pixel shuffle work on channels_last rows.
 
 Controller decisions are computed in float32 with autocast disabled, so mixed precision never
 flips a channel decision.
