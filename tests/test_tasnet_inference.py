@@ -178,8 +178,9 @@ def test_thin_maps_keep_a_channels_last_pass_channels_last(grad):
     net = TASNet(make_architecture(nf, nb, shared_maps=2, channels=channels)).eval()
     image = torch.rand(1, 3, 20, 26)
     expected = reference(net, image, TASKS[:2])
-    layouts = _ConvLayouts()
-    with torch.set_grad_enabled(grad), layouts:
-        out = net.restore(image.contiguous(memory_format=torch.channels_last), TASKS[:2], max_batch=1)
-    assert torch.allclose(out.detach(), expected, atol=1e-5, rtol=0)
-    assert layouts.calls and all(nhwc for _, _, nhwc in layouts.calls), layouts.calls
+    for max_batch in (1, None):  # scales folded into weights / a batch of two tasks
+        layouts = _ConvLayouts()
+        with torch.set_grad_enabled(grad), layouts:
+            out = net.restore(image.contiguous(memory_format=torch.channels_last), TASKS[:2], max_batch=max_batch)
+        assert torch.allclose(out.detach(), expected, atol=1e-5, rtol=0)
+        assert layouts.calls and all(nhwc for _, _, nhwc in layouts.calls), layouts.calls

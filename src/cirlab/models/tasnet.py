@@ -662,7 +662,12 @@ class TASNet(nn.Module):
                         block.local_scale.bias.index_select(0, sel.index)))
                     scale = F.linear(cond, weight, bias)
                 skip, have = values[k - 2], sels[k - 2].logical
-                if self._inplace:
+                if self._inplace and x.shape[1] == 0:
+                    # empty inner map: the residual is conv2's bias, one constant per channel;
+                    # one pass over the map (a zero-input conv would be materialised first)
+                    bias = block.conv2.bias if sel.index is None else block.conv2.bias.index_select(0, sel.index)
+                    y = self._align(skip, have, sel.logical) + (bias * scale).to(x.dtype)[:, :, None, None]
+                elif self._inplace:
                     if scale.shape[0] == 1 and (sel.index is not None or prev.index is not None):
                         # one scale vector: fold it into the (already sliced) weights
                         y = self._conv(block.conv2, x, sel.index, prev.index, key, scale=scale[0])
