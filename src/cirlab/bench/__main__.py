@@ -55,10 +55,13 @@ def machine_description() -> dict:
 
 
 def git_revision() -> str:
+    """The checkout's short commit, ``+dirty`` when tracked files outside ``docs/`` differ from
+    it (``docs/`` holds results, including the files earlier benchmarks of a series just wrote)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)docs"], capture_output=True,
                                text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
