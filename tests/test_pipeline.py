@@ -101,6 +101,11 @@ def test_a_second_start_keeps_finished_stages(tiny_run, caplog):
     assert {name: (run_dir / name / "stage.json").stat().st_mtime_ns for name in STAGES} == before
     assert again["products"] == manifest["products"]
     assert sum("already done" in r.getMessage() for r in caplog.records) == len(STAGES)
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("pipeline finished"))
+    assert str(run_dir / "bench" / "cost.md") in summary and str(run_dir / "derive" / "tasnet.ckpt") in summary
+    entry = again["stages"]["bench"]["products"]["tasnet_vs_cresmd"]["32x48"]
+    label, speedup = next(iter(entry["speedup"].items()))
+    assert f"{label} {speedup:.2f}x (efficiency {speedup / entry['flops_ratio']:.2f})" in summary
 
 
 def test_a_finished_stage_with_other_overrides_is_an_error(tiny_run):

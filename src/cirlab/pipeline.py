@@ -437,8 +437,9 @@ def _print_artifacts(manifest: dict) -> None:
                                                 for name, m in evaluated.items()))
     ratios = (manifest["stages"].get("bench") or {}).get("products", {}).get("tasnet_vs_cresmd", {})
     for res, entry in ratios.items():
-        speed = ", ".join(f"{label} {value:.2f}x" for label, value in entry["speedup"].items())
-        lines.append(f"  TASNet vs CResMD at {res}: {entry['flops_ratio']:.2f}x fewer FLOPs, faster by {speed}")
+        flops = entry["flops_ratio"]
+        speed = ", ".join(f"{label} {value:.2f}x (efficiency {value / flops:.2f})" for label, value in entry["speedup"].items())
+        lines.append(f"  TASNet vs CResMD at {res}: {flops:.2f}x fewer FLOPs, faster by {speed}")
     log.info("\n".join(lines))
 
 
