@@ -236,12 +236,12 @@ def _as_nhwc(x: Tensor) -> Tensor:
     return x.new_empty(batch, height, width, channels).permute(0, 3, 1, 2).copy_(x)
 
 
-def _new_zeros(like: Tensor, shape: tuple[int, ...], nhwc: bool) -> Tensor:
-    """Zeros of a 4-d ``shape`` with ``like``'s dtype and device, channels_last when ``nhwc``."""
+def _new_map(like: Tensor, shape: tuple[int, ...], nhwc: bool) -> Tensor:
+    """An uninitialised 4-d ``shape`` with ``like``'s dtype and device, channels_last when ``nhwc``."""
     if not nhwc:
-        return like.new_zeros(shape)
+        return like.new_empty(shape)
     batch, channels, height, width = shape
-    return like.new_zeros(batch, height, width, channels).permute(0, 3, 1, 2)
+    return like.new_empty(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -539,7 +539,7 @@ class TASNet(nn.Module):
         out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
         rows = conv.weight.shape[0] if out_index is None else out_index.numel()
         if rows == 0:
-            return _new_zeros(x, (batch, 0, out_h, out_w), self._nhwc_run)
+            return _new_map(x, (batch, 0, out_h, out_w), self._nhwc_run)
         if x.shape[1] == 0:
             bias = conv.bias if out_index is None else conv.bias.index_select(0, out_index)
             if scale is not None:
@@ -548,7 +548,8 @@ class TASNet(nn.Module):
             if not self._inplace:
                 return bias.expand(batch, -1, out_h, out_w)
             # in-place callers need their own tensor, in the run's layout
-            return _new_zeros(x, (batch, rows, out_h, out_w), self._nhwc_run).add_(bias)
+            out = _new_map(x, (batch, rows, out_h, out_w), self._nhwc_run)
+            return out.copy_(bias.expand_as(out))
         if self._nhwc_run:
             x = _as_nhwc(x)
         if out_index is None and in_index is None and scale is None:
@@ -602,7 +603,7 @@ class TASNet(nn.Module):
             return x
         if plan[0] == "select":
             return _select_channels(x, plan[1])
-        out = _new_zeros(x, (x.shape[0], len(want), *x.shape[2:]), self._nhwc_run)
+        out = _new_map(x, (x.shape[0], len(want), *x.shape[2:]), self._nhwc_run).zero_()
         if plan[1].numel():
             out = out.index_copy(1, plan[1], x.index_select(1, plan[2]))
         return out
