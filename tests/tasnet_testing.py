@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cirlab.models.search import TASNetSearchNet
+from cirlab.archs.tasnet_search import TASNetSearchNet
 
 NF, NB = 8, 2
 N_MAPS = 2 * NB + 3
@@ -41,8 +41,8 @@ def search_state(shared: int, seed: int = 0, empty_shared: int | None = None, em
 def fake_search_checkpoint(net: TASNetSearchNet, path) -> None:
     """What a TASNetSearch checkpoint holds for the derivation: ``net.*`` weights and buffers and
     the network's hyper-parameters."""
-    config = {"_target_": "cirlab.models.search.TASNetSearchNet", "nf": net.nf, "nb": net.nb, "cond_dim": net.cond_dim,
+    config = {"_target_": "cirlab.archs.tasnet_search.TASNetSearchNet", "nf": net.nf, "nb": net.nb, "cond_dim": net.cond_dim,
               "controller_hidden": net.controllers[0].fc1.out_features, "gamma": net.gamma,
               "ema_momentum": net.ema_momentum, "sharing": net.sharing}
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-                "hyper_parameters": {"net": config}, "cirlab_module": "cirlab.modules.tasnet_search.TASNetSearch"}, path)
+                "hyper_parameters": {"net": config}, "cirlab_module": "cirlab.models.tasnet_search.TASNetSearch"}, path)

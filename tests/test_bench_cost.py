@@ -8,18 +8,18 @@ import pytest
 import torch
 from tasnet_testing import NB, NF, search_state
 
-from cirlab.bench.__main__ import main as bench_main
+from cirlab.cli.bench import main as bench_main
 from cirlab.bench.cost import (
     bench_cost,
     build_models,
     markdown_table,
     plot_flops_per_task,
 )
-from cirlab.data.evalsets import level_grid
-from cirlab.derive import derive
-from cirlab.models.cresmd import CResMDNet
-from cirlab.models.flops import cresmd_flops
-from cirlab.models.tasnet import TASNet
+from cirlab.tasks import level_grid
+from cirlab.derivation import derive
+from cirlab.archs.cresmd import CResMDNet
+from cirlab.archs.flops import cresmd_flops
+from cirlab.archs.tasnet import TASNet
 
 RES = [(32, 48), (16, 24)]
 

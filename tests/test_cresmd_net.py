@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cirlab.models.cresmd import CResMDNet
+from cirlab.archs.cresmd import CResMDNet
 
 
 def reference_state_shapes(nf=64, nb=32, cond_dim=3, nc=3):

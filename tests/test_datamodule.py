@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from cirlab.data.datamodule import CropDataset, RestorationDataModule, ShardSampler, SteppedBatchSampler
-from cirlab.data.evalsets import EvalSetSpec, build_eval_set, grid_labels, level_grid
+from cirlab.data.evalsets import EvalSetSpec, build_eval_set
+from cirlab.tasks import grid_labels, level_grid
 
 
 def write_images(folder, sizes, seed=0):

@@ -10,18 +10,15 @@ import pytest
 import torch
 
 from cirlab.data import degradations as D
-from cirlab.data.degradations import (
+from cirlab.tasks import (
     NO_JPEG,
-    degrade,
-    gaussian_blur,
-    gaussian_kernel1d,
-    jpeg_roundtrip,
     physical_to_task,
     physical_to_task_scalar,
     task_to_physical,
     task_to_physical_scalar,
     validate_physical,
 )
+from cirlab.data.degradations import degrade, gaussian_blur, gaussian_kernel1d, jpeg_roundtrip
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

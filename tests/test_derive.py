@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from cirlab.data.evalsets import level_grid
-from cirlab.derive import derive, derive_checkpoint, main
-from cirlab.models.tasnet import TASNet, naive_shared
+from cirlab.tasks import level_grid
+from cirlab.cli.derive import main
+from cirlab.derivation import derive, derive_checkpoint
+from cirlab.archs.tasnet import TASNet, naive_shared
 from tasnet_testing import N_MAPS, NB, NF, fake_search_checkpoint, search_state
 
 # (shared maps, whole shared map off, whole task-specific map off): every cut of the prefix
@@ -124,9 +125,9 @@ def test_derived_checkpoint_reloads_standalone_and_gives_identical_output(tmp_pa
 def test_loading_a_derived_checkpoint_does_not_touch_the_search_code(tmp_path):
     net = derive(search_state(2, seed=1))
     path = net.save(tmp_path / "tasnet.ckpt")
-    code = ("import sys, torch; from cirlab.models.tasnet import TASNet; net = TASNet.load(sys.argv[1]); "
+    code = ("import sys, torch; from cirlab.archs.tasnet import TASNet; net = TASNet.load(sys.argv[1]); "
             "net(torch.rand(1, 3, 8, 8), torch.rand(1, 3)); "
-            "assert not any(m.startswith(('cirlab.models.search', 'cirlab.models.sliced', 'cirlab.modules')) "
+            "assert not any(m.startswith(('cirlab.archs.tasnet_search', 'cirlab.archs.sliced', 'cirlab.models')) "
             "for m in sys.modules), sorted(m for m in sys.modules if m.startswith('cirlab'))")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -144,7 +145,7 @@ def test_cirlab_derive_command(tmp_path, capsys):
 
 
 def test_cresmd_as_a_tasnet_and_naive_sharing():
-    from cirlab.models.cresmd import CResMDNet
+    from cirlab.archs.cresmd import CResMDNet
 
     torch.manual_seed(0)
     cresmd = CResMDNet(nf=NF, nb=NB).eval()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cirlab.cli import data as data_cli
 from cirlab.data import download as dl
 
 N_IMAGES = 4
@@ -320,12 +321,12 @@ def test_cli_downloads_with_overridden_manifest(
     server, spec, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(dl, "MANIFEST", {"toy": spec})
-    rc = dl.main(
+    rc = data_cli.main(
         ["--root", str(tmp_path), "--only", "toy", "--no-progress", "--retries", "0"]
     )
     assert rc == 0
     _assert_extracted(tmp_path / "Toy" / "Toy_HR")
-    assert dl.main(["--root", str(tmp_path), "--only", "toy"]) == 0
+    assert data_cli.main(["--root", str(tmp_path), "--only", "toy"]) == 0
     assert "skipping" in capsys.readouterr().out
     assert len(server.log) == 1
 
@@ -333,18 +334,18 @@ def test_cli_downloads_with_overridden_manifest(
 def test_cli_error_exit_code(spec, tmp_path, monkeypatch, capsys):
     bad = replace(spec, urls=(f"http://127.0.0.1:{_closed_port()}/x.zip",))
     monkeypatch.setattr(dl, "MANIFEST", {"toy": bad})
-    assert dl.main(["--root", str(tmp_path), "--only", "toy", "--retries", "0"]) == 1
+    assert data_cli.main(["--root", str(tmp_path), "--only", "toy", "--retries", "0"]) == 1
     assert "cirlab-data: error:" in capsys.readouterr().err
 
 
 def test_cli_list_and_bad_name(tmp_path, capsys):
-    assert dl.main(["--list", "--root", str(tmp_path)]) == 0
+    assert data_cli.main(["--list", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name in ("div2k_train", "div2k_valid", "cbsd68"):
         assert name in out
     assert "checksum not pinned" in out  # cbsd68
     with pytest.raises(SystemExit) as info:
-        dl.main(["--root", str(tmp_path), "--only", "nope"])
+        data_cli.main(["--root", str(tmp_path), "--only", "nope"])
     assert info.value.code == 2
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cirlab.models.cresmd import CResMDNet
-from cirlab.models.flops import (
+from cirlab.archs.cresmd import CResMDNet
+from cirlab.archs.flops import (
     MaskState,
     cresmd_flops,
     cresmd_flops_breakdown,
@@ -17,7 +17,7 @@ from cirlab.models.flops import (
     searchable_maps,
     workload_flops,
 )
-from cirlab.models.sliced import dense_masked_forward, run_masked
+from cirlab.archs.sliced import dense_masked_forward, run_masked
 
 NF, NB = 8, 2  # tiny network: N = 7 searchable maps
 

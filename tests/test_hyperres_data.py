@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cirlab.data.degradations import jpeg_roundtrip
-from cirlab.data.levels import (
+from cirlab.data.hyperres import (
     LevelDataModule,
     LevelSetDataset,
     LevelSetSpec,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cirlab.models.hyperres import HyperResNet, MainNet, as_level_matrix, reference_state_dict_to_cirlab
+from cirlab.archs.hyperres import HyperResNet, MainNet, as_level_matrix, reference_state_dict_to_cirlab
 
 
 def randomised(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

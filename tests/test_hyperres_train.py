@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cirlab.train import train
+from cirlab.training import train
 from conftest import CONFIG_DIR, compose, shared_data_path
 
 HYPERRES_EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("hyperres*.yaml"))
@@ -69,8 +69,8 @@ def test_every_hyperres_experiment_runs_one_tiny_step(experiment, tmp_path, shar
 
 
 def test_tiny_denoise_run_writes_per_level_table_and_loadable_checkpoint(tmp_path, shared_cache):
-    from cirlab.eval import load_module
-    from cirlab.models.hyperres import HyperResNet
+    from cirlab.checkpoints import load_module
+    from cirlab.archs.hyperres import HyperResNet
 
     cfg = run_cfg(tmp_path, shared_cache, "hyperres_denoise", "trainer.max_steps=2")
     metrics = train(cfg)
@@ -103,7 +103,8 @@ def trained(tmp_path_factory):
 
 
 def test_level_sweep_scores_hyperres_and_dedicated_networks(trained, tmp_path):
-    from cirlab.hyperres_eval import ENVELOPE, run
+    from cirlab.cli.hyperres_eval import run
+    from cirlab.data.hyperres import ENVELOPE
 
     out = tmp_path / "sweep"
     result = run(["--task", "denoise", "--model", f"HyperRes={trained['hyperres']}", str(trained["dedicated"]),
@@ -120,7 +121,7 @@ def test_level_sweep_scores_hyperres_and_dedicated_networks(trained, tmp_path):
 
 
 def test_mixed_level_sweep_equals_one_level_at_a_time(trained):
-    from cirlab.hyperres_eval import evaluate_levels, load_level_model
+    from cirlab.evaluation.levels import evaluate_levels, load_level_model
 
     model = load_level_model(str(trained["hyperres"]))
     kwargs = dict(levels=[10, 40, 95], crop=40, progress=False)
@@ -132,7 +133,7 @@ def test_mixed_level_sweep_equals_one_level_at_a_time(trained):
 @pytest.mark.parametrize(("task", "folder", "levels"), [("denoise", "CBSD68", "5,50,90"), ("dejpeg", "LIVE1", "10,80"),
                                                          ("sr", "Set5", "2,6")])
 def test_level_sweep_on_the_shared_test_sets(trained, tmp_path, task, folder, levels):
-    from cirlab.hyperres_eval import run
+    from cirlab.cli.hyperres_eval import run
 
     data = shared_data_path("test", folder)
     result = run(["--task", task, "--model", f"h={trained['hyperres']}", "--data", str(data), "--levels", levels,
@@ -153,6 +154,6 @@ def test_hyperres_model_needs_level_data(tmp_path, shared_cache):
 
 def test_checkpoint_holds_only_network_weights(trained):
     state = torch.load(trained["dedicated"], map_location="cpu", weights_only=True)
-    assert state["cirlab_module"] == "cirlab.modules.hyperres.HyperRes"
+    assert state["cirlab_module"] == "cirlab.models.hyperres.HyperRes"
     assert all(key.startswith("net.") for key in state["state_dict"])
     assert state["hyper_parameters"]["train_levels"] == [25.0]

@@ -57,8 +57,8 @@ def test_every_stage_leaves_its_products(tiny_run):
 
 def test_stages_are_linked(tiny_run):
     """The search starts from the CResMD stage's checkpoint; fine-tuning from the derived network."""
-    from cirlab.eval import load_module
-    from cirlab.models.tasnet import TASNet
+    from cirlab.checkpoints import load_module
+    from cirlab.archs.tasnet import TASNet
 
     _, _, manifest = tiny_run
     products = manifest["products"]
@@ -170,7 +170,7 @@ def test_single_job_and_pipeline_experiments_are_not_mixed(train_cfg):
         pipeline_cfg(["experiment=cresmd_paper"])  # Hydra itself refuses its group overrides
     with pytest.raises(PipelineError, match="trainer: not pipeline settings.*runs with cirlab-train"):
         check_pipeline_config(pipeline_cfg(["+trainer.max_steps=5"]))
-    from cirlab.train import train
+    from cirlab.training import train
 
     with pytest.raises(ValueError, match="run it with cirlab-pipeline"):
         train(train_cfg("experiment=tasnet_paper"))

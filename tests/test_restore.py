@@ -11,10 +11,14 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from cirlab.derive import derive
-from cirlab.models.cresmd import CResMDNet
-from cirlab.models.tasnet import TASNet, receptive_radius
-from cirlab.restore import contact_sheet, load_network, main, parse_tasks, restore, restore_flops
+from cirlab.derivation import derive
+from cirlab.archs.cresmd import CResMDNet
+from cirlab.archs.tasnet import TASNet, receptive_radius
+from cirlab.figures import contact_sheet
+from cirlab.checkpoints import load_network
+from cirlab.cli.restore import main
+from cirlab.inference import restore, restore_flops
+from cirlab.tasks import parse_tasks
 from tasnet_testing import NB, NF, search_state
 
 TASKS = torch.tensor([[0.0, 0.0, 0.0], [0.25, 0.3, 0.0], [1.0, 1.0, 0.0], [0.0, 0.3, 1.0], [1.0, 0.0, 0.24],
@@ -96,16 +100,16 @@ def test_receptive_radius_bounds_the_measured_receptive_field():
 
 
 def test_cresmd_checkpoint_restores_with_everything_task_specific(tmp_path):
-    from cirlab.modules.cresmd import CResMD
+    from cirlab.models.cresmd import CResMD
 
     torch.manual_seed(0)
-    module = CResMD(net={"_target_": "cirlab.models.cresmd.CResMDNet", "nf": NF, "nb": NB},
+    module = CResMD(net={"_target_": "cirlab.archs.cresmd.CResMDNet", "nf": NF, "nb": NB},
                     optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3})
     path = tmp_path / "cresmd.ckpt"
     import lightning
 
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "cirlab_module": "cirlab.modules.cresmd.CResMD", "pytorch-lightning_version": lightning.__version__}, path)
+                "cirlab_module": "cirlab.models.cresmd.CResMD", "pytorch-lightning_version": lightning.__version__}, path)
     net = load_network(path)
     assert isinstance(net, CResMDNet)
     image = torch.rand(3, 19, 24)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cirlab.data.degradations import NO_JPEG, task_to_physical
+from cirlab.tasks import NO_JPEG, task_to_physical
 from cirlab.data.sampling import (
     DegradationConfig,
     PairSampler,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cirlab.models.search import (
+from cirlab.archs.tasnet_search import (
     ChannelController,
     TASNetSearchNet,
     agreement,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cirlab.train import train
+from cirlab.training import train
 from conftest import TINY
 
 SEARCH = ["model=tasnet_search_tiny", "test=false", "callbacks.task_grid_picture=null", "data.val_grid=single",
@@ -55,7 +55,7 @@ def test_gamma_near_one_shares_fewer_maps_than_gamma_near_zero(train_cfg, tmp_pa
 def test_two_point_sweep_through_the_real_config(tmp_path, shared_cache):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     overrides = [o for o in TINY if not o.startswith(("callbacks.task_grid_picture", "model="))]
-    command = [sys.executable, "-m", "cirlab.train", "-m", "hparams_search=tasnet_grid", *overrides, *SEARCH,
+    command = [sys.executable, "-m", "cirlab.cli.train", "-m", "hparams_search=tasnet_grid", *overrides, *SEARCH,
                "model.lambda1=0.0,1.0", "model.lambda2=0.1", "model.net.gamma=0.5", "trainer.max_steps=2",
                "data.batches_per_epoch=2", f"paths.root_dir={tmp_path}", f"paths.cache_dir={shared_cache}",
                f"hydra.sweep.dir={tmp_path / 'sweep'}"]

@@ -58,7 +58,7 @@ def table_rows(markdown: Path) -> list[list[str]]:
 
 
 class FakeTrain:
-    """Stands in for cirlab.train.train: metrics from the config, scripted per call."""
+    """Stands in for cirlab.training.train: metrics from the config, scripted per call."""
 
     def __init__(self, script=()):
         self.script = list(script)
@@ -249,7 +249,7 @@ def test_two_objective_sweep_of_tiny_cresmd_persists_and_resumes(study_args, tmp
 
 @pytest.mark.slow
 def test_summary_of_a_hydra_multirun(tmp_path, shared_cache, capsys):
-    command = [sys.executable, "-m", "cirlab.train", "-m", "model.optimizer.lr=1e-3,2e-3",
+    command = [sys.executable, "-m", "cirlab.cli.train", "-m", "model.optimizer.lr=1e-3,2e-3",
                f"paths.root_dir={tmp_path}", f"paths.cache_dir={shared_cache}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                *TINY_SWEEP]
     env = {**os.environ, "WANDB_MODE": "disabled"}

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cirlab.data.evalsets import level_grid
-from cirlab.derive import derive
-from cirlab.train import train
+from cirlab.tasks import level_grid
+from cirlab.derivation import derive
+from cirlab.training import train
 from conftest import compose
 from tasnet_testing import NB, NF, search_state
 
@@ -81,9 +81,10 @@ def test_every_table_experiment_runs_one_tiny_step(experiment, tmp_path, shared_
 def test_finetune_run_tests_on_the_grid_and_leaves_a_self_contained_checkpoint(tmp_path, shared_cache, derived_ckpt):
     import shutil
 
-    from cirlab.eval import load_module
-    from cirlab.models.tasnet import TASNet
-    from cirlab.restore import load_network, restore
+    from cirlab.checkpoints import load_module
+    from cirlab.archs.tasnet import TASNet
+    from cirlab.checkpoints import load_network
+    from cirlab.inference import restore
 
     local = tmp_path / "tasnet.ckpt"
     shutil.copy(derived_ckpt, local)
@@ -112,8 +113,8 @@ def test_finetune_run_tests_on_the_grid_and_leaves_a_self_contained_checkpoint(t
 
 
 def test_a_real_search_checkpoint_derives(tmp_path, shared_cache):
-    from cirlab.derive import main
-    from cirlab.models.tasnet import TASNet
+    from cirlab.cli.derive import main
+    from cirlab.archs.tasnet import TASNet
 
     cfg = run_cfg(tmp_path, shared_cache, "tsnet_search_paper", *TINY_NET, "model.net.controller_hidden=8",
                   "model.workload_grid=single", "trainer.max_steps=2")

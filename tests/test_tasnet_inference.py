@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from tasnet_testing import search_state
 
-from cirlab.derive import derive
-from cirlab.models.tasnet import TASNet
+from cirlab.derivation import derive
+from cirlab.archs.tasnet import TASNet
 
 TASKS = torch.tensor([[0.0, 0.0, 0.0], [0.25, 0.3, 0.0], [1.0, 1.0, 0.0], [0.0, 0.3, 1.0], [1.0, 0.0, 0.24]])
 
@@ -123,7 +123,7 @@ def test_grouped_pixel_shuffle(layout):
 
 
 def test_cache_is_bounded(monkeypatch):
-    import cirlab.models.tasnet as tasnet_module
+    import cirlab.archs.tasnet as tasnet_module
 
     net = tasnet(2, seed=6)
     image = torch.rand(3, 12, 12)
@@ -168,7 +168,7 @@ class _ConvLayouts(torch.overrides.TorchFunctionMode):
 def test_thin_maps_keep_a_channels_last_pass_channels_last(grad):
     """A task-specific map of zero or one channel is channels_last and plain-contiguous at once;
     the pass must not fall back to NCHW after it (that made thin derived networks ~1.6x slower)."""
-    from cirlab.models.tasnet import make_architecture
+    from cirlab.archs.tasnet import make_architecture
 
     nf, nb = 8, 3
     channels = [list(range(nf))] * (2 * nb + 3)

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from cirlab.data.images import ImageFolderError
-from cirlab.eval import evaluate
-from cirlab.train import train
+from cirlab.evaluation.grid import evaluate
+from cirlab.training import train
 from conftest import TINY
 
 
@@ -53,7 +53,7 @@ def test_tiny_run_leaves_checkpoints_tables_metrics_and_picture(train_cfg, tmp_p
     assert metrics["test/psnr_all_points"] > metrics["test/psnr"]
     # the checkpoint holds the network and plain hyper-parameters only (weights_only loads it)
     state = read_state(run / "checkpoints" / "last.ckpt")
-    assert state["cirlab_module"] == "cirlab.modules.cresmd.CResMD"
+    assert state["cirlab_module"] == "cirlab.models.cresmd.CResMD"
     assert all(key.startswith("net.") for key in state["state_dict"])
 
 
@@ -61,7 +61,7 @@ def test_last_ckpt_is_the_newest_state_when_the_monitored_metric_stops_improving
     """Lightning 2.6's save_last only follows new best checkpoints; cirlab's LastCheckpoint does not."""
     cfg = train_cfg("data.batches_per_epoch=2", "trainer.max_steps=6", "test=false",
                     "callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=min")
-    from cirlab.train import run_training
+    from cirlab.training import run_training
 
     run = run_training(cfg)
     assert read_state(run.best_ckpt)["global_step"] == 2  # the best by this monitor is the first
@@ -151,7 +151,7 @@ def test_multirun_sweep_with_wandb_offline(tmp_path, shared_cache):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))  # no credentials anywhere
     overrides = [o for o in TINY if not o.startswith(("logger=", "callbacks.task_grid_picture"))]
-    command = [sys.executable, "-m", "cirlab.train", "-m", "model.optimizer.lr=1e-3,2e-3", "logger=wandb",
+    command = [sys.executable, "-m", "cirlab.cli.train", "-m", "model.optimizer.lr=1e-3,2e-3", "logger=wandb",
                f"paths.root_dir={tmp_path}", f"paths.cache_dir={shared_cache}", "test=false",
                "trainer.max_steps=2", "data.batches_per_epoch=2", "callbacks.task_grid_picture=null",
                f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]

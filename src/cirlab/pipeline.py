@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cirlab.config import CONFIG_DIR, compose_job, register_configs, validate_config
+from cirlab.checkpoints import best_checkpoint_recorded_in
+from cirlab.config import compose_job, validate_config
 from cirlab.utils.run import (
     attach_log_file,
     detach_log_file,
@@ -187,7 +187,7 @@ def _finish_stage(stage: Stage, products: dict[str, Any], started: float) -> dic
 
 
 def _run_training(stage: Stage, spec: dict, wandb_group: str) -> dict[str, Any]:
-    from cirlab.train import run_training
+    from cirlab.training import run_training
 
     overrides = list(stage.overrides)
     last = stage.folder / "checkpoints" / "last.ckpt"
@@ -207,7 +207,7 @@ def _run_training(stage: Stage, spec: dict, wandb_group: str) -> dict[str, Any]:
         finish_wandb()
     if last.is_file():  # a resumed job that had already reached its last step runs no loop and saves nothing
         run.last_ckpt = run.last_ckpt or str(last)
-        run.best_ckpt = run.best_ckpt or _best_recorded_in(last)
+        run.best_ckpt = run.best_ckpt or best_checkpoint_recorded_in(last)
     choice = spec[stage.name].get("checkpoint", "best")
     ckpt = (run.best_ckpt if choice == "best" else run.last_ckpt) or run.last_ckpt or run.best_ckpt
     if not ckpt:
@@ -217,20 +217,8 @@ def _run_training(stage: Stage, spec: dict, wandb_group: str) -> dict[str, Any]:
             "metrics": {k: v for k, v in run.metrics.items() if "_grid/" not in k}}
 
 
-def _best_recorded_in(checkpoint: Path) -> str:
-    """The best checkpoint a Lightning checkpoint's ModelCheckpoint state points to ("" if none)."""
-    import torch
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    for key, value in (state.get("callbacks") or {}).items():
-        path = value.get("best_model_path") if isinstance(value, dict) else None
-        if str(key).startswith("ModelCheckpoint") and path and Path(path).is_file():
-            return str(path)
-    return ""
-
-
 def _run_derive(stage: Stage, spec: dict, search_ckpt: str) -> dict[str, Any]:
-    from cirlab.derive import derive_checkpoint
+    from cirlab.derivation import derive_checkpoint
 
     node = spec.get("derive") or {}
     derived = derive_checkpoint(search_ckpt, stage.folder, node.get("grid", "cresmd27"),
@@ -246,8 +234,8 @@ def _run_derive(stage: Stage, spec: dict, search_ckpt: str) -> dict[str, Any]:
 
 
 def _run_evaluate(stage: Stage, spec: dict, seed: int, checkpoints: dict[str, str]) -> dict[str, Any]:
-    from cirlab.eval import evaluate
-    from cirlab.evaluation import grid_rows
+    from cirlab.evaluation.grid import evaluate
+    from cirlab.reports import grid_rows
 
     scored: dict[str, dict[str, float]] = {}
     for name, ckpt in checkpoints.items():
@@ -273,8 +261,8 @@ def _flops_per_task(checkpoints: dict[str, str], height: int = 720, width: int =
     """GFLOPs of each model on each task vector of the 27-point grid at HD, run alone (prefix
     included) and as part of the whole workload (its share, prefix counted once)."""
     from cirlab.bench.cost import flops_split
-    from cirlab.data.evalsets import grid_labels, level_grid
-    from cirlab.restore import load_network
+    from cirlab.tasks import grid_labels, level_grid
+    from cirlab.checkpoints import load_network
 
     tasks = level_grid("cresmd27")
     labels = grid_labels(tasks)
@@ -324,11 +312,12 @@ def comparison_table(scored: dict[str, dict[str, float]], rows: dict[str, list[d
 
 
 def _run_bench(stage: Stage, spec: dict, cresmd_ckpt: str, tasnet_ckpt: str) -> dict[str, Any]:
-    from cirlab.bench.__main__ import _parse_resolutions, write_cost_outputs
+    from cirlab.bench.records import write_cost_outputs
+    from cirlab.tasks import parse_resolutions
     from cirlab.bench.cost import bench_cost, build_models
 
     node = spec.get("bench") or {}
-    resolutions = _parse_resolutions(",".join(str(r) for r in node.get("resolutions", ["180x320"])))
+    resolutions = parse_resolutions(",".join(str(r) for r in node.get("resolutions", ["180x320"])))
     models, notes = build_models(cresmd=cresmd_ckpt, tasnet=tasnet_ckpt,
                                  fractions=tuple(node.get("naive_fractions", ())))
     notes.append("TASNet: the fine-tuned network of this pipeline; the naive-sharing rows reuse the CResMD weights "
@@ -441,18 +430,3 @@ def _print_artifacts(manifest: dict) -> None:
         speed = ", ".join(f"{label} {value:.2f}x (efficiency {value / flops:.2f})" for label, value in entry["speedup"].items())
         lines.append(f"  TASNet vs CResMD at {res}: {flops:.2f}x fewer FLOPs, faster by {speed}")
     log.info("\n".join(lines))
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pipeline")
-def main(cfg: DictConfig) -> None:
-    try:
-        run_pipeline(cfg)
-    except PipelineError as error:
-        log.error("%s", error)
-        raise SystemExit(2) from None
-
-
-register_configs()
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""``cirlab-sweep``: Optuna studies over ``cirlab.train.train``, and summaries of any sweep.
+"""``cirlab-sweep``: Optuna studies over ``cirlab.training.train``, and summaries of any sweep.
 
 Why not Hydra's Optuna sweeper: hydra-optuna-sweeper 1.3 pins ``optuna<3.0`` and its SQLite
 storage fails with SQLAlchemy 2.x. Instead, **current Optuna drives the same ``train`` function
@@ -320,7 +320,7 @@ class SweepResult:
 
 def train_job(cfg: DictConfig) -> dict[str, float]:
     """One training job (a seam for tests)."""
-    from cirlab.train import train
+    from cirlab.training import train
 
     return train(cfg)
 

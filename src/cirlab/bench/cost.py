@@ -1,7 +1,7 @@
 """Cost of restoring one image under the 27-point workload (TASNet Table 1 and Figure 11).
 
 For each network and image size: analytic convolution FLOPs (the networks' own ``flops`` /
-``cost`` methods, convention of :mod:`cirlab.models.flops`) and measured latency, split into the
+``cost`` methods, convention of :mod:`cirlab.archs.flops`) and measured latency, split into the
 *first pass* (shared prefix + the first task) and the *later passes* (each further task, reusing
 the prefix). Every task runs as its own pass (one task vector per pass, no batching across
 tasks), so first and later passes are timed separately; the workload latency is the first pass
@@ -12,7 +12,7 @@ rounds; each round runs every model's workload once, one after the other (interl
 speed-up is taken per round (reference round time / model round time) and reported as the
 median over rounds with its min and max: load from other processes hits both sides of a ratio
 alike. Latencies are medians over the rounds with their min and max. CPU runs use
-``channels_last`` (as :func:`cirlab.restore.restore` does) and ``torch.set_flush_denormal(True)``.
+``channels_last`` (as :func:`cirlab.inference.restore` does) and ``torch.set_flush_denormal(True)``.
 ``efficiency_vs_reference`` is the speed-up divided by the FLOPs ratio: how much of the FLOPs
 saved turns into time saved (1 = all of it).
 
@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cirlab.models.cresmd import CResMDNet
-from cirlab.models.flops import cresmd_flops
-from cirlab.models.tasnet import TASNet, _pad_even
+from cirlab.archs.cresmd import CResMDNet
+from cirlab.archs.flops import cresmd_flops
+from cirlab.archs.tasnet import TASNet, _pad_even
 
 CPU_RESOLUTIONS = [(180, 320), (360, 640)]
 PAPER_RESOLUTIONS = [(720, 1280), (1080, 1920), (2160, 3840)]  # HD, 2K, 4K
@@ -74,7 +74,7 @@ def synthetic_tasnet(nf: int = 64, nb: int = 32, shared_fraction: float = 0.62,
     channel sets. Weights: :class:`TASNet`'s random initialisation. ``widths`` default:
     :data:`SYNTHETIC_WIDTHS` (for nf = 64; scaled by nf / 64 otherwise).
     """
-    from cirlab.models.tasnet import make_architecture
+    from cirlab.archs.tasnet import make_architecture
 
     if widths is None:  # the defaults are for nf = 64: scale them
         def scaled(value: int) -> int:
@@ -241,7 +241,7 @@ def bench_cost(models: Mapping[str, nn.Module], resolutions: Sequence[tuple[int,
     (speed-up / FLOPs ratio). Returns ``{"grid", "tasks", "labels", "devices", "reference",
     "results": {model: {"HxW": {...}}}}``.
     """
-    from cirlab.data.evalsets import grid_labels, level_grid
+    from cirlab.tasks import grid_labels, level_grid
 
     tasks = level_grid(grid)
     settings = _device_labels(threads, device)
@@ -361,7 +361,7 @@ def plot_flops_per_task(record: dict, path: str | Path, resolution: str | None =
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path = Path(path)
-    from cirlab.callbacks import save_figure_atomically
+    from cirlab.figures import save_figure_atomically
 
     save_figure_atomically(fig, path)
     plt.close(fig)
@@ -375,7 +375,7 @@ def build_models(cresmd: str | None = None, tasnet: str | None = None, tsnet: st
     init), TSNet / TASNet (derived checkpoints, when given), the synthetic paper-scale TASNet
     (``synthetic``: :func:`synthetic_tasnet` at ``nf``, ``nb``) and CResMD naively shared at each
     fraction (from the CResMD weights when given, else random init)."""
-    from cirlab.restore import load_network
+    from cirlab.checkpoints import load_network
 
     notes, models = [], {}
     derived = {name: load_network(path) for name, path in (("TSNet", tsnet), ("TASNet", tasnet)) if path}

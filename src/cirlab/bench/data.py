@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,3 +95,33 @@ def bench_pairs(
         "patch": patch,
         "torch_threads": threads,
     }
+
+
+def bench_pipeline(device: str, batch_size: int = 16, patch: int = 64, seconds: float = 10.0,
+                   num_workers: int = 2, warmup: int = 3) -> dict:
+    """Pairs/s of the DataModule: workers cut crops, ``on_after_batch_transfer`` makes pairs."""
+    from cirlab.data.datamodule import RestorationDataModule
+
+    cache = Path(tempfile.gettempdir()) / "cirlab-bench-cache"
+    datamodule = RestorationDataModule(
+        train_dir=str(cache / "embedded" / "train"), val_dir=None, embedded_root=str(cache / "embedded"),
+        patch_size=patch, batch_size=batch_size, batches_per_epoch=10**6, num_workers=num_workers, seed=0,
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    iterator = iter(loader)
+    for _ in range(warmup):
+        datamodule.on_after_batch_transfer({k: v.to(dev) for k, v in next(iterator).items()}, 0)
+    sync()
+    batches, start = 0, time.perf_counter()
+    while batches == 0 or time.perf_counter() - start < seconds:
+        batch = {k: v.to(dev, non_blocking=True) for k, v in next(iterator).items()}
+        datamodule.on_after_batch_transfer(batch, 0)
+        batches += 1
+    sync()
+    elapsed = time.perf_counter() - start
+    return {"pairs_per_s": batches * batch_size / elapsed, "batches": batches, "elapsed_s": elapsed,
+            "num_workers": num_workers, "device": str(dev), "batch": batch_size, "patch": patch}

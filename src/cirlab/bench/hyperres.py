@@ -6,7 +6,7 @@ of a ratio alike):
 
 1. **Training step, k main networks vs k plain passes.** HyperRes: generate the k networks,
    ``forward_levels`` on k batches of B crops, mean of the k L1 losses, one backward. Plain: a
-   :class:`~cirlab.models.hyperres.MainNet` of the same shape, k forward/backward passes (one
+   :class:`~cirlab.archs.hyperres.MainNet` of the same shape, k forward/backward passes (one
    per batch, gradients accumulated). No optimiser step on either side. Target ratio <= 1.15.
    Reported for ``k_mode="loop"`` (the default) and ``"grouped"``.
 2. **Generating one network for a new level** (``trunk_weights(c)``, the 2 nb affine maps, and
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from cirlab.models.hyperres import HyperResNet, MainNet
+from cirlab.archs.hyperres import HyperResNet, MainNet
 
 
 def _sync(device: torch.device) -> None:

@@ -14,9 +14,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cirlab.models.cresmd import CResMDNet
-from cirlab.models.flops import MaskState, cresmd_flops, masked_flops
-from cirlab.models.search import TASNetSearchNet, disagreement
+from cirlab.archs.cresmd import CResMDNet
+from cirlab.archs.flops import MaskState, cresmd_flops, masked_flops
+from cirlab.archs.tasnet_search import TASNetSearchNet, disagreement
 
 
 def _plain_step(net, optimizer, x, t, y):

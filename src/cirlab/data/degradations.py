@@ -9,23 +9,8 @@ Images
     ``(B, 3, H, W)`` floating tensors with values in ``[0, 1]`` (RGB). Outputs of
     :func:`degrade` are multiples of ``1/255`` (uint8 levels ``k/255``), same dtype and device
     as the input.
-Physical levels
-    tensors of shape ``(..., 3)`` with columns ``(r, sigma, q)``:
-
-    * ``r``: Gaussian blur radius = the Gaussian's standard deviation, in pixels, ``[0, 4]``;
-      ``r = 0`` is the identity. The kernel is ``KERNEL_SIZE x KERNEL_SIZE`` (21x21),
-      ``exp(-(x^2 + y^2) / (2 r^2))`` normalised to sum 1 over the window, with replicate
-      border padding.
-    * ``sigma``: standard deviation of additive Gaussian noise on the 0..255 scale, ``[0, 50]``.
-    * ``q``: integer JPEG quality in ``[10, 100]``, or ``NO_JPEG`` (= 0) for "no JPEG".
-Task-space levels
-    tensors of shape ``(..., 3)`` in ``[0, 1]``, CResMD's encoding (METHOD.md section 1):
-    ``t_blur = r / 4``, ``t_noise = sigma / 50``, ``t_jpeg = (102 - q) / 92`` with
-    ``t_jpeg = 0`` meaning "no JPEG". So q = 100 is ``t = 2/92`` and q = 10 is ``t = 1``.
-
-    Task -> physical for JPEG (:func:`task_to_physical`): ``q_raw = 102 - 92 t``; if
-    ``t < 1/92`` (i.e. ``q_raw > 101``, nearer to "none" at ``t = 0`` than to q = 100 at
-    ``t = 2/92``) the result is ``NO_JPEG``; otherwise ``q = clamp(round(q_raw), 10, 100)``.
+Levels
+    physical ``(r, sigma, q)`` or task vectors ``t``, as defined in :mod:`cirlab.tasks`.
 
 Pipeline (:func:`degrade`)
     1. blur ``x <- G_r * x`` (skipped for samples with ``r = 0``);
@@ -52,49 +37,29 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from cirlab.tasks import (
+    BLUR_RADIUS_MAX,
+    JPEG_QUALITY_MAX,
+    JPEG_QUALITY_MIN,
+    NO_JPEG,
+    NOISE_SIGMA_MAX,
+    first_bad,
+    task_to_physical,
+    validate_task_levels,
+)
+
 __all__ = [
-    "BLUR_RADIUS_MAX",
-    "DEGRADATION_TYPES",
-    "JPEG_QUALITY_MAX",
-    "JPEG_QUALITY_MIN",
-    "JPEG_TASK_OFFSET",
-    "JPEG_TASK_SCALE",
     "KERNEL_SIZE",
-    "NOISE_SIGMA_MAX",
-    "NO_JPEG",
     "add_gaussian_noise",
     "degrade",
     "gaussian_blur",
     "gaussian_kernel1d",
     "jpeg_roundtrip",
-    "physical_to_task",
-    "physical_to_task_scalar",
     "quantize_uint8",
-    "task_to_physical",
-    "task_to_physical_scalar",
-    "validate_physical",
-    "validate_task_levels",
 ]
 
-#: Names of the three degradation types, in the order they are applied and in which the
-#: columns of level tensors are stored.
-DEGRADATION_TYPES: tuple[str, str, str] = ("blur", "noise", "jpeg")
 #: Side of the square Gaussian blur kernel, in pixels.
 KERNEL_SIZE: int = 21
-#: Largest blur radius (Gaussian sigma, pixels); task level 1.
-BLUR_RADIUS_MAX: float = 4.0
-#: Largest noise standard deviation on the 0..255 scale; task level 1.
-NOISE_SIGMA_MAX: float = 50.0
-#: Lowest JPEG quality (strongest compression); task level 1.
-JPEG_QUALITY_MIN: int = 10
-#: Highest JPEG quality (weakest compression); task level 2/92.
-JPEG_QUALITY_MAX: int = 100
-#: ``t_jpeg = (JPEG_TASK_OFFSET - q) / JPEG_TASK_SCALE`` (CResMD).
-JPEG_TASK_OFFSET: int = 102
-JPEG_TASK_SCALE: int = 92
-#: Physical JPEG "quality" that means "no JPEG" (task level 0).
-NO_JPEG: int = 0
-
 # Tolerance for range checks on float levels (absorbs float round-off of grid arithmetic).
 _EPS = 1e-5
 # Above this image side the banded-matrix blur costs too much memory; use convolution.
@@ -104,78 +69,6 @@ _MATMUL_MAX_SIDE = 2048
 # --------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _first_bad(values: Tensor, bad: Tensor) -> tuple[tuple[int, ...], float]:
-    idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
-    return idx, float(values[idx])
-
-
-def _check_levels_tensor(levels: Tensor, name: str) -> None:
-    if not isinstance(levels, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(levels).__name__}")
-    if levels.ndim < 1 or levels.shape[-1] != 3:
-        raise ValueError(
-            f"{name} must have shape (..., 3) with columns (blur, noise, jpeg), "
-            f"got {tuple(levels.shape)}"
-        )
-    if not levels.is_floating_point():
-        raise ValueError(f"{name} must be a floating tensor, got dtype {levels.dtype}")
-
-
-def validate_task_levels(levels: Tensor, name: str = "levels") -> None:
-    """Raise ``ValueError`` unless ``levels`` is a float tensor ``(..., 3)`` in ``[0, 1]``.
-
-    The message names the offending entry, e.g. ``levels[2, 1] (noise)=1.3``.
-    A tolerance of 1e-5 absorbs float round-off.
-    """
-    _check_levels_tensor(levels, name)
-    bad = ~((levels >= -_EPS) & (levels <= 1.0 + _EPS))  # also catches NaN
-    if bool(bad.any()):
-        idx, val = _first_bad(levels, bad)
-        kind = DEGRADATION_TYPES[idx[-1]]
-        raise ValueError(
-            f"{name}[{', '.join(map(str, idx))}] ({kind})={val} is outside the task range [0, 1]"
-        )
-
-
-def validate_physical(phys: Tensor, name: str = "physical") -> None:
-    """Raise ``ValueError`` unless ``phys`` ``(..., 3)`` holds valid ``(r, sigma, q)`` levels.
-
-    ``r`` in ``[0, 4]``, ``sigma`` in ``[0, 50]``, ``q`` an integer in ``[10, 100]`` or
-    ``NO_JPEG`` (0). The message names the offending entry and value.
-    """
-    _check_levels_tensor(phys, name)
-    r, s, q = phys[..., 0], phys[..., 1], phys[..., 2]
-    checks = (
-        (
-            0,
-            r,
-            ~((r >= -_EPS) & (r <= BLUR_RADIUS_MAX + _EPS)),
-            f"[0, {BLUR_RADIUS_MAX}]",
-        ),
-        (
-            1,
-            s,
-            ~((s >= -_EPS) & (s <= NOISE_SIGMA_MAX + _EPS)),
-            f"[0, {NOISE_SIGMA_MAX}]",
-        ),
-        (
-            2,
-            q,
-            ~(
-                ((q == NO_JPEG) | ((q >= JPEG_QUALITY_MIN) & (q <= JPEG_QUALITY_MAX)))
-                & (q == torch.round(q))
-            ),
-            f"an integer in [{JPEG_QUALITY_MIN}, {JPEG_QUALITY_MAX}] or NO_JPEG={NO_JPEG}",
-        ),
-    )
-    labels = ("r (blur radius)", "sigma (noise)", "q (JPEG quality)")
-    for col, values, bad, rng in checks:
-        if bool(bad.any()):
-            idx, val = _first_bad(values, bad)
-            where = ", ".join(map(str, (*idx, col)))
-            raise ValueError(f"{name}[{where}] {labels[col]}={val} must be {rng}")
 
 
 def _check_images(
@@ -228,68 +121,9 @@ def _per_sample_in_range(values, batch: int, name: str, like: Tensor, high: floa
     out = _per_sample(values, batch, name, like)
     bad = ~((out >= -_EPS) & (out <= high + _EPS))
     if bool(bad.any()):
-        idx, val = _first_bad(out, bad)
+        idx, val = first_bad(out, bad)
         raise ValueError(f"{name}[{idx[0]}]={val} must be in [0, {high}]")
     return out
-
-
-def physical_to_task(phys: Tensor) -> Tensor:
-    """Physical levels ``(..., 3)`` = ``(r, sigma, q)`` -> task-space levels ``(..., 3)`` in [0, 1].
-
-    ``t = (r / 4, sigma / 50, (102 - q) / 92)``, with ``q = NO_JPEG`` (0) mapped to ``t_jpeg = 0``.
-    Raises ``ValueError`` for out-of-range values (see :func:`validate_physical`).
-    Returns a tensor with ``phys``'s dtype and device.
-    """
-    validate_physical(phys, "physical")
-    r, s, q = phys.unbind(-1)
-    t_jpeg = torch.where(
-        q == NO_JPEG, torch.zeros_like(q), (JPEG_TASK_OFFSET - q) / JPEG_TASK_SCALE
-    )
-    out = torch.stack((r / BLUR_RADIUS_MAX, s / NOISE_SIGMA_MAX, t_jpeg), dim=-1)
-    return out.clamp_(0.0, 1.0)
-
-
-def task_to_physical(levels: Tensor) -> Tensor:
-    """Task-space levels ``(..., 3)`` in [0, 1] -> physical ``(..., 3)`` = ``(r, sigma, q)``.
-
-    ``r = 4 t_blur`` (pixels), ``sigma = 50 t_noise`` (0..255 scale); JPEG:
-    ``t_jpeg < 1/92`` (including 0) -> ``NO_JPEG`` (0), else
-    ``q = clamp(round(102 - 92 t_jpeg), 10, 100)`` (an integer value stored as float).
-    Raises ``ValueError`` for levels outside [0, 1]. Returns ``levels``' dtype and device.
-    """
-    validate_task_levels(levels, "levels")
-    levels = levels.clamp(0.0, 1.0)
-    tb, tn, tj = levels.unbind(-1)
-    q = torch.round(JPEG_TASK_OFFSET - JPEG_TASK_SCALE * tj.double()).clamp_(
-        JPEG_QUALITY_MIN, JPEG_QUALITY_MAX
-    )
-    q = torch.where(
-        tj.double() * JPEG_TASK_SCALE < 1.0, torch.full_like(q, NO_JPEG), q
-    ).to(levels.dtype)
-    return torch.stack((tb * BLUR_RADIUS_MAX, tn * NOISE_SIGMA_MAX, q), dim=-1)
-
-
-def physical_to_task_scalar(
-    r: float, sigma: float, q: int | None
-) -> tuple[float, float, float]:
-    """Scalar version of :func:`physical_to_task`; ``q`` may be ``None`` or ``NO_JPEG`` for no JPEG."""
-    qv = NO_JPEG if q is None else q
-    t = physical_to_task(
-        torch.tensor([[float(r), float(sigma), float(qv)]], dtype=torch.float64)
-    )
-    return tuple(float(v) for v in t[0])  # type: ignore[return-value]
-
-
-def task_to_physical_scalar(
-    t_blur: float, t_noise: float, t_jpeg: float
-) -> tuple[float, float, int]:
-    """Scalar version of :func:`task_to_physical`: returns ``(r, sigma, q)``, ``q = NO_JPEG`` for none."""
-    p = task_to_physical(
-        torch.tensor(
-            [[float(t_blur), float(t_noise), float(t_jpeg)]], dtype=torch.float64
-        )
-    )
-    return float(p[0, 0]), float(p[0, 1]), int(p[0, 2])
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ section 6); an optional centre crop keeps validation cheap during training.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,51 +23,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from cirlab.utils.files import atomic_path
+from cirlab.checkpoints import read_torch_file, save_torch_file
+from cirlab.tasks import level_grid
 
 FORMAT_VERSION = 1
-
-# Task-space axes of CResMD's 27-point test grid: r in {0, 1, 4}, sigma in {0, 15, 50},
-# JPEG in {none, q=80, q=10}.
-CRESMD27_AXES = ((0.0, 0.25, 1.0), (0.0, 0.3, 1.0), (0.0, 22 / 92, 1.0))
-
-
-def level_grid(name: str | list) -> torch.Tensor:
-    """Task-space levels (G, 3) of a named grid, or of an explicit list of [t_blur, t_noise, t_jpeg].
-
-    Names: ``cresmd27`` (27 points, blur-major order) and ``single`` (the 7 points of cresmd27
-    with at most one active type: clean, then each type at its two non-zero levels).
-    """
-    if isinstance(name, str):
-        if name == "cresmd27":
-            return torch.tensor(list(itertools.product(*CRESMD27_AXES)), dtype=torch.float32)
-        if name == "single":
-            points = [(0.0, 0.0, 0.0)]
-            for axis, values in enumerate(CRESMD27_AXES):
-                for value in values[1:]:
-                    point = [0.0, 0.0, 0.0]
-                    point[axis] = value
-                    points.append(tuple(point))
-            return torch.tensor(points, dtype=torch.float32)
-        raise ValueError(f"data grid {name!r} is unknown; use 'cresmd27', 'single' or a list of [t_blur, t_noise, t_jpeg]")
-    levels = torch.tensor([list(map(float, point)) for point in name], dtype=torch.float32)
-    if levels.ndim != 2 or levels.shape[1] != 3:
-        raise ValueError(f"data grid must be a list of [t_blur, t_noise, t_jpeg] triples, got shape {tuple(levels.shape)}")
-    if (levels < 0).any() or (levels > 1).any():
-        raise ValueError("data grid levels must lie in [0, 1] (task space)")
-    return levels
-
-
-def grid_labels(levels: torch.Tensor) -> list[str]:
-    """Readable physical names of grid points, e.g. ``r1.0_s15_q80`` (``qnone`` = no JPEG)."""
-    from cirlab.data.degradations import task_to_physical
-
-    labels = []
-    for r, sigma, q in task_to_physical(levels).tolist():
-        jpeg = "none" if q == 0 else f"{int(round(q))}"
-        labels.append(f"r{r:.1f}_s{int(round(sigma))}_q{jpeg}")
-    return labels
-
 
 @dataclass
 class EvalSetSpec:
@@ -123,7 +81,7 @@ def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bo
     grid_name = spec.grid if isinstance(spec.grid, str) else f"custom{len(levels)}"
     cache_file = Path(cache_dir) / f"{Path(spec.folder).name}-{grid_name}-{key}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():
-        return torch.load(cache_file, weights_only=True)
+        return read_torch_file(cache_file, what="evaluation-set cache (delete it to regenerate)")
 
     from tqdm.auto import tqdm
 
@@ -139,8 +97,7 @@ def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bo
         inputs.append(degraded.mul(255).round().to(torch.uint8))
     data = {"names": [p.name for p in paths], "clean": clean_images, "inputs": inputs, "levels": levels}
     if cache_file is not None:
-        with atomic_path(cache_file) as tmp:
-            torch.save(data, tmp)
+        save_torch_file(data, cache_file)
     return data
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cirlab.data.degradations import (
+from cirlab.tasks import (
     BLUR_RADIUS_MAX,
     DEGRADATION_TYPES,
     JPEG_QUALITY_MAX,
@@ -49,9 +49,9 @@ from cirlab.data.degradations import (
     JPEG_TASK_OFFSET,
     JPEG_TASK_SCALE,
     NOISE_SIGMA_MAX,
-    degrade,
     task_to_physical,
 )
+from cirlab.data.degradations import degrade
 
 __all__ = [
     "DegradationConfig",

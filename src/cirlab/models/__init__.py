@@ -1,5 +1,1 @@
-"""Plain ``nn.Module`` networks (no Lightning inside)."""
-
-from cirlab.models.cresmd import CResMDNet
-
-__all__ = ["CResMDNet"]
+"""LightningModules: losses, metrics, optimisers and logging around the plain networks."""

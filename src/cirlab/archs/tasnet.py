@@ -7,7 +7,7 @@ loads its weights from a standalone checkpoint (:meth:`TASNet.save` / :meth:`TAS
 Feature maps
 ------------
 The network has CResMD's layout and its ``N = 2 nb + 3`` searchable feature maps
-(:func:`cirlab.models.flops.searchable_maps`; JSON ``index`` n = 1..N, code uses k = n - 1):
+(:func:`cirlab.archs.flops.searchable_maps`; JSON ``index`` n = 1..N, code uses k = n - 1):
 ``conv_first``, per block ``inner`` (conv1) and ``out`` (conv2 + residual add), the shuffled
 ``upconv`` output and ``HRconv``; ``conv_last`` (-> 3 channels) and ``global_scale`` follow.
 Each map is either
@@ -64,7 +64,7 @@ Architecture dict (``architecture.json`` has these keys plus an informative ``su
 
 Costs: :meth:`TASNet.flops` / :meth:`TASNet.cost` give the analytic convolution FLOPs of
 :meth:`TASNet.restore` for given tasks and image size (the convention of
-:mod:`cirlab.models.flops`: 2 FLOPs per MAC, convolutions only, shared prefix once).
+:mod:`cirlab.archs.flops`: 2 FLOPs per MAC, convolutions only, shared prefix once).
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cirlab.models.cresmd import CResMDNet, init_scaled_kaiming
-from cirlab.models.flops import MaskState, masked_flops, masked_flops_breakdown, searchable_maps
+from cirlab.archs.cresmd import CResMDNet, init_scaled_kaiming
+from cirlab.archs.flops import MaskState, masked_flops, masked_flops_breakdown, searchable_maps
 
-FORMAT = "cirlab.tasnet"
+FORMAT = "cirlab.tasnet"  # = cirlab.checkpoints.TASNET_FORMAT (not imported: loading a TASNet stays light)
 VERSION = 1
 SELECTIONS = ("fixed", "controller")
 SLICE_CACHE_BYTES = 256 * 2**20  # inference cache of sliced weights: emptied when it would grow past this
@@ -267,7 +267,7 @@ def _pad_even(x: Tensor) -> Tensor:
 
 class TASNet(nn.Module):
     """The derived TASNet (module docstring). Build with an architecture dict; weights come from
-    :meth:`load`, from the derivation (``cirlab.derive``) or from :meth:`from_cresmd`."""
+    :meth:`load`, from the derivation (``cirlab.derivation``) or from :meth:`from_cresmd`."""
 
     def __init__(self, architecture: Mapping) -> None:
         super().__init__()
@@ -343,12 +343,9 @@ class TASNet(nn.Module):
 
     def save(self, path: str | Path, meta: Mapping | None = None) -> Path:
         """Write :meth:`checkpoint` atomically to ``path``."""
-        from cirlab.utils.files import atomic_path
+        from cirlab.checkpoints import save_torch_file
 
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(self.checkpoint(meta), tmp)
-        return path
+        return save_torch_file(self.checkpoint(meta), path)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Mapping) -> TASNet:
@@ -361,7 +358,9 @@ class TASNet(nn.Module):
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TASNet:
         """Rebuild a TASNet from a file written by :meth:`save` (``weights_only=True``)."""
-        return cls.from_checkpoint(torch.load(path, map_location=map_location, weights_only=True))
+        from cirlab.checkpoints import read_checkpoint
+
+        return cls.from_checkpoint(read_checkpoint(path, what="standalone TASNet checkpoint")).to(map_location)
 
     # ------------------------------------------------------------------ description
     def map_is_shared(self, k: int) -> bool:
@@ -387,7 +386,7 @@ class TASNet(nn.Module):
             return {k: self.controllers[str(k)](tasks) > 0 for k in self._controlled}
 
     def mask_state(self, tasks: Tensor) -> MaskState:
-        """The :class:`~cirlab.models.flops.MaskState` of the M tasks (for the FLOPs formulas)."""
+        """The :class:`~cirlab.archs.flops.MaskState` of the M tasks (for the FLOPs formulas)."""
         count = tasks.shape[0]
         masks = self.channel_masks(tasks)
         rows = []
@@ -783,7 +782,7 @@ class TASNet(nn.Module):
 
         The shared prefix runs once; the task-specific part once per group of tasks with the
         same channels (batched, at most ``max_batch`` tasks per pass), with sliced weights.
-        Not clamped. For tiling and mixed precision use :func:`cirlab.restore.restore`.
+        Not clamped. For tiling and mixed precision use :func:`cirlab.inference.restore`.
         """
         image = image[None] if image.ndim == 3 else image
         if image.shape[0] != 1:
@@ -812,7 +811,7 @@ class TASNet(nn.Module):
 
     def flops(self, tasks: Tensor, height: int, width: int) -> int:
         """Convolution FLOPs of :meth:`restore` for one (height x width) image and these M task
-        vectors: shared prefix once, task-specific part per task (cirlab.models.flops convention)."""
+        vectors: shared prefix once, task-specific part per task (cirlab.archs.flops convention)."""
         with torch.no_grad():
             state = self.mask_state(tasks)
         return int(masked_flops(state, self.nf, self.nb, height, width, self.in_nc, self.in_nc))

@@ -1,6 +1,6 @@
 """Reference executors of a pruned, partly shared CResMD (TASNet derivation, METHOD.md section 3).
 
-Two functions with the same semantics for a :class:`~cirlab.models.flops.MaskState`:
+Two functions with the same semantics for a :class:`~cirlab.archs.flops.MaskState`:
 
 * :func:`dense_masked_forward` runs the full CResMDNet on M copies of the image and multiplies
   every searchable feature map by its mask (per task). Soft masks are allowed and gradients
@@ -11,7 +11,7 @@ Two functions with the same semantics for a :class:`~cirlab.models.flops.MaskSta
   runs once per image, every task-specific map once per task (reading the shared map at the
   boundary), ``conv_last`` once if the whole network is shared, else once per task. Under
   ``torch.utils.flop_counter.FlopCounterMode`` its convolution FLOPs equal
-  :func:`~cirlab.models.flops.masked_flops` exactly. Binary masks only.
+  :func:`~cirlab.archs.flops.masked_flops` exactly. Binary masks only.
 
 Modulation inside the shared prefix. A shared map must not depend on the task vector, so the
 ``local_scale`` of a block whose output map (n = 3 + 2i) is shared is evaluated at a fixed
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cirlab.models.cresmd import CResMDNet
-from cirlab.models.flops import MaskState, searchable_maps
+from cirlab.archs.cresmd import CResMDNet
+from cirlab.archs.flops import MaskState, searchable_maps
 
 
 def _check(net: CResMDNet, x: Tensor, tasks: Tensor, state: MaskState, prefix_task: Tensor | None) -> Tensor | None:

@@ -1,16 +1,13 @@
-"""Lightning callbacks of the suite (pictures people look at rather than read)."""
+"""``TaskGridPicture``: after each validation, one held-out image restored at a grid of task vectors."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from cirlab.utils.files import atomic_path
-
-log = logging.getLogger(__name__)
+from cirlab.figures import publish_figure
 
 TYPE_NAMES = ("blur", "noise", "jpeg")
 
@@ -28,26 +25,6 @@ def task_grid(levels_in: torch.Tensor, fractions: list[float]) -> tuple[torch.Te
         for fraction in fractions:
             rows.append(levels_in * mask * fraction)
     return torch.stack(rows), names
-
-
-def save_figure_atomically(figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-
-
-def publish_figure(trainer: L.Trainer, figure, dirpath: Path, name: str, key: str, latest: str = "latest") -> Path:
-    """Save ``figure`` as ``dirpath/<name>.png`` and ``dirpath/<latest>.png``, close it, and send
-    it to every logger that takes images (W&B) under ``key``."""
-    import matplotlib.pyplot as plt
-
-    path = Path(dirpath) / f"{name}.png"
-    save_figure_atomically(figure, path)
-    save_figure_atomically(figure, Path(dirpath) / f"{latest}.png")
-    plt.close(figure)
-    for logger in trainer.loggers:
-        if hasattr(logger, "log_image"):
-            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
-    return path
 
 
 class TaskGridPicture(L.Callback):
@@ -73,7 +50,8 @@ class TaskGridPicture(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from cirlab.data.degradations import degrade, physical_to_task
+        from cirlab.data.degradations import degrade
+        from cirlab.tasks import physical_to_task
 
         h, w = clean.shape[-2:]
         size_h, size_w = min(self.crop, h) // 2 * 2, min(self.crop, w) // 2 * 2
@@ -119,51 +97,3 @@ class TaskGridPicture(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.fast_dev_run:
             return
         self.write(trainer, pl_module, f"step{trainer.global_step:07d}")
-
-
-class LastCheckpoint(L.Callback):
-    """Keep ``<dirpath>/last.ckpt`` the newest training state: after every validation during
-    fitting, every ``every_n_train_steps`` optimiser steps (preemptible jobs) and when fitting
-    ends. Resuming (``ckpt_path=last``) and the pipeline's "end of the search" read it.
-
-    [why] Lightning 2.6's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only in a
-    step where a top-k checkpoint was saved too: once the monitored metric stops improving (as
-    ``val/psnr`` does while a search prunes), ``last.ckpt`` stays at the best step. So the
-    monitored callback keeps the best checkpoint and this one the last. Written through a
-    temporary file, so an interruption never leaves a half-written ``last.ckpt``.
-    """
-
-    FILENAME = "last.ckpt"
-
-    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
-        if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ValueError(f"callbacks.last_checkpoint.every_n_train_steps={every_n_train_steps} must be >= 1 or null")
-        self.dirpath = Path(dirpath)
-        self.every_n_train_steps = every_n_train_steps
-        self.last_path = ""
-        self._saved_step: int | None = None
-
-    def _save(self, trainer: L.Trainer) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run or self._saved_step == trainer.global_step:
-            return
-        path = self.dirpath / self.FILENAME
-        temporary = path.with_name(f".{path.name}.tmp")
-        if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(temporary)  # collective under DDP: every rank calls it, rank 0 writes
-        if trainer.is_global_zero:
-            temporary.replace(path)
-        trainer.strategy.barrier("LastCheckpoint")
-        self._saved_step = trainer.global_step
-        self.last_path = str(path)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
-            self._save(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "fit":
-            self._save(trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)

@@ -9,7 +9,7 @@ Pieces, each a plain ``nn.Module`` or function:
 * ``SharingState``: the task-agnostic importance z^a (eq. 5) as an exponential moving average,
   the agreement test eta (eq. 6, threshold gamma) and the recursive sharing decision phi (eq. 7).
 * ``TASNetSearchNet``: CResMD with a channel mask on each of its N = 2 nb + 3 searchable
-  feature maps (``cirlab.models.flops.searchable_maps``): the mask of map n is g(z^a_n) where
+  feature maps (``cirlab.archs.flops.searchable_maps``): the mask of map n is g(z^a_n) where
   phi_n = 1 (shared), else g(z^s_{m,n}) per task.
 
 Choices (METHOD.md marks them [choice]; written here next to the code):
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.models.cresmd import CResMDNet
+from cirlab.archs.cresmd import CResMDNet
 
 
 def gate(z: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ class RestorationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Size the per-grid-point metrics from the DataModule's evaluation grids."""
-        from cirlab.data.evalsets import grid_labels, level_grid
+        from cirlab.tasks import grid_labels, level_grid
 
         datamodule = getattr(self.trainer, "datamodule", None)
         val_grid = getattr(datamodule, "val_spec", ("cresmd27",))[0]

@@ -8,6 +8,7 @@ The test step logs ``<stage>_grid/<metric>/<label>`` for every grid point (label
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from cirlab.utils.run import write_text_atomically
@@ -58,3 +59,20 @@ def write_grid_tables(metrics: dict[str, float], out_dir: Path, stage: str = "te
     average_md = out_dir / f"{stage}_average.md"
     write_text_atomically(average_md, "\n".join(average) + "\n")
     return [per_task_md, per_task_csv, average_md]
+
+
+def write_level_tables(out_dir: Path, stem: str, levels: Sequence[float], columns: dict[str, Sequence[float]],
+                       title: str = "") -> list[Path]:
+    """``<stem>.md`` and ``<stem>.csv``: one row per level, one column per entry of ``columns``."""
+    out_dir = Path(out_dir)
+    names = list(columns)
+    lines = ([f"{title}", ""] if title else []) + ["| level | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    csv = ["level," + ",".join(f'"{n}"' if "," in n else n for n in names)]
+    for i, level in enumerate(levels):
+        values = [f"{float(columns[n][i]):.4f}" for n in names]
+        lines.append(f"| {float(level):g} | " + " | ".join(v if v != "nan" else "" for v in values) + " |")
+        csv.append(f"{float(level):g}," + ",".join(values))
+    md, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
+    write_text_atomically(md, "\n".join(lines) + "\n")
+    write_text_atomically(csv_path, "\n".join(csv) + "\n")
+    return [md, csv_path]

@@ -20,7 +20,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from cirlab.config import CONFIG_DIR, register_configs, validate_config
+from cirlab.config import validate_config
 from cirlab.utils.run import (
     instantiate_callbacks,
     instantiate_loggers,
@@ -29,7 +29,6 @@ from cirlab.utils.run import (
     resolve_ckpt_path,
     write_json_atomically,
 )
-from cirlab.utils.wandb import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update(metrics_to_floats(trainer.callback_metrics))
         if trainer.is_global_zero:
-            from cirlab.evaluation import write_grid_tables
+            from cirlab.reports import write_grid_tables
 
             tables = write_grid_tables(metrics, Path(cfg.paths.output_dir), stage="test")
             log.info("test tables: %s", ", ".join(str(p) for p in tables))
@@ -100,28 +99,8 @@ def run_training(cfg: DictConfig) -> TrainingRun:
         log.info("run directory: %s", cfg.paths.output_dir)
         if picture:
             log.info("outputs at several task vectors: %s", picture)
-    from cirlab.callbacks import LastCheckpoint
+    from cirlab.callbacks.last_checkpoint import LastCheckpoint
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
     last = next((c.last_path for c in callbacks if isinstance(c, LastCheckpoint)), "")
     return TrainingRun(metrics, best, last, str(cfg.paths.output_dir))
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    finally:
-        finish_wandb()
-    name = cfg.get("optimized_metric")
-    if name and name in metrics:
-        return metrics[name]
-    if name:
-        log.warning("optimized_metric %r was not produced by this run", name)
-    return None
-
-
-register_configs()
-
-if __name__ == "__main__":
-    main()

@@ -5,8 +5,8 @@ Two ways to get the network:
 
 * ``model.derived_ckpt=<cirlab-derive output>/tasnet.ckpt`` (``model=tasnet_finetune``): the
   derived TASNet with its derived weights: TASNet, TSNet, TASNet-A rows;
-* ``model.net`` a Hydra config building a ``cirlab.models.tasnet.TASNet`` directly, e.g.
-  ``cirlab.models.tasnet.naive_shared`` (``model=cresmd_shared``: CResMD with its first 31/62/99%
+* ``model.net`` a Hydra config building a ``cirlab.archs.tasnet.TASNet`` directly, e.g.
+  ``cirlab.archs.tasnet.naive_shared`` (``model=cresmd_shared``: CResMD with its first 31/62/99%
   of layers naively shared, Table 4), optionally started from a CResMD checkpoint
   (``model.init_ckpt``).
 
@@ -21,7 +21,7 @@ multiplied in (one batched pass for a batch of mixed tasks; same values and grad
 sliced execution), evaluation the sliced execution.
 
 Checkpoints are self-contained: the architecture is stored in the hyper-parameters
-(``net.architecture``), so ``cirlab.eval.load_module`` rebuilds the module without the derived
+(``net.architecture``), so ``cirlab.evaluation.grid.load_module`` rebuilds the module without the derived
 checkpoint or the CResMD it started from (those paths are kept as ``derived_from`` and
 ``initialised_from`` for the record).
 """
@@ -31,9 +31,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 
-from cirlab.modules.restoration import RestorationModule, _plain
+from cirlab.models.restoration import RestorationModule, _plain
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +67,10 @@ class TASNetFinetune(RestorationModule):
             raise ValueError("give model.derived_ckpt or model.net, not both")
         super().__init__(net=net, optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval,
                          test_iqa=test_iqa, iqa_weights_dir=iqa_weights_dir)
-        from cirlab.models.tasnet import TASNet
+        from cirlab.archs.tasnet import TASNet
 
         if not isinstance(self.net, TASNet):
-            raise ValueError(f"model.net must build a cirlab.models.tasnet.TASNet, got {type(self.net).__name__}")
+            raise ValueError(f"model.net must build a cirlab.archs.tasnet.TASNet, got {type(self.net).__name__}")
         if weights is not None:
             self.net.load_state_dict(weights, strict=True)
         if init_ckpt:
@@ -87,24 +86,24 @@ class TASNetFinetune(RestorationModule):
 
     @staticmethod
     def _read_derived(path: str) -> tuple[dict, dict]:
-        from cirlab.models.tasnet import FORMAT
+        from cirlab.checkpoints import TASNET_FORMAT, read_checkpoint
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model.derived_ckpt={str(path)!r}: no such file (run cirlab-derive first)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if checkpoint.get("format") != FORMAT:
+        checkpoint = read_checkpoint(path, key="model.derived_ckpt", what="derived TASNet checkpoint")
+        if checkpoint.get("format") != TASNET_FORMAT:
             raise ValueError(f"model.derived_ckpt={str(path)!r} is not a derived TASNet checkpoint (cirlab-derive)")
-        net = {"_target_": "cirlab.models.tasnet.TASNet", "architecture": checkpoint["architecture"]}
+        net = {"_target_": "cirlab.archs.tasnet.TASNet", "architecture": checkpoint["architecture"]}
         return checkpoint["state_dict"], net
 
     def _load_cresmd(self, path: str) -> None:
-        from cirlab.models.cresmd import CResMDNet
-        from cirlab.models.tasnet import TASNet
+        from cirlab.archs.cresmd import CResMDNet
+        from cirlab.archs.tasnet import TASNet
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
-        weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")} or state
+        from cirlab.checkpoints import net_state_dict, read_checkpoint
+
+        weights = net_state_dict(read_checkpoint(path, key="model.init_ckpt"), path=path, key="model.init_ckpt")
         net = self.net
         cresmd = CResMDNet(in_nc=net.in_nc, out_nc=net.in_nc, nf=net.nf, nb=net.nb, cond_dim=net.cond_dim)
         try:
@@ -118,7 +117,7 @@ class TASNetFinetune(RestorationModule):
     # ------------------------------------------------------------------ reporting
     def flops_per_inference(self, height: int = HD[0], width: int = HD[1]) -> float:
         """FLOPs per inference of the flops grid's workload (shared prefix amortised)."""
-        from cirlab.data.evalsets import level_grid
+        from cirlab.tasks import level_grid
 
         tasks = level_grid(self.hparams.flops_grid).to(next(self.net.parameters()).device)
         return self.net.flops(tasks, height, width) / len(tasks)

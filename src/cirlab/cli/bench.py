@@ -27,79 +27,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from cirlab.utils.run import write_json_atomically, write_text_atomically
-
-
-def machine_description() -> dict:
-    info = {
-        "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def git_revision() -> str:
-    """The checkout's short commit, ``+dirty`` when tracked files outside ``docs/`` differ from
-    it (``docs/`` holds results, including the files earlier benchmarks of a series just wrote)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(top,exclude)docs"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def bench_pipeline(device: str, batch_size: int = 16, patch: int = 64, seconds: float = 10.0,
-                   num_workers: int = 2, warmup: int = 3) -> dict:
-    """Pairs/s of the DataModule: workers cut crops, ``on_after_batch_transfer`` makes pairs."""
-    from cirlab.data.datamodule import RestorationDataModule
-
-    cache = Path(tempfile.gettempdir()) / "cirlab-bench-cache"
-    datamodule = RestorationDataModule(
-        train_dir=str(cache / "embedded" / "train"), val_dir=None, embedded_root=str(cache / "embedded"),
-        patch_size=patch, batch_size=batch_size, batches_per_epoch=10**6, num_workers=num_workers, seed=0,
-    )
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    iterator = iter(loader)
-    for _ in range(warmup):
-        datamodule.on_after_batch_transfer({k: v.to(dev) for k, v in next(iterator).items()}, 0)
-    sync()
-    batches, start = 0, time.perf_counter()
-    while batches == 0 or time.perf_counter() - start < seconds:
-        batch = {k: v.to(dev, non_blocking=True) for k, v in next(iterator).items()}
-        datamodule.on_after_batch_transfer(batch, 0)
-        batches += 1
-    sync()
-    elapsed = time.perf_counter() - start
-    return {"pairs_per_s": batches * batch_size / elapsed, "batches": batches, "elapsed_s": elapsed,
-            "num_workers": num_workers, "device": str(dev), "batch": batch_size, "patch": patch}
+from cirlab.bench.records import git_revision, machine_description, write_cost_outputs
+from cirlab.tasks import parse_resolutions
+from cirlab.utils.run import write_json_atomically
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from cirlab.bench.data import bench_pairs
+    from cirlab.bench.data import bench_pairs, bench_pipeline
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
@@ -164,21 +103,6 @@ def run_search_step(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_resolutions(text: str) -> list[tuple[int, int]]:
-    named = {"hd": (720, 1280), "2k": (1080, 1920), "4k": (2160, 3840)}
-    out = []
-    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
-        if part in named:
-            out.append(named[part])
-            continue
-        try:
-            height, width = (int(v) for v in part.split("x"))
-        except ValueError:
-            raise SystemExit(f"--resolutions: {part!r} is not HxW (e.g. 180x320) or one of hd, 2k, 4k") from None
-        out.append((height, width))
-    return out
-
-
 def run_cost(args: argparse.Namespace) -> int:
     """``cost``: FLOPs and latency of CResMD, TSNet, TASNet and naive sharing (docs in bench/cost.py)."""
     from cirlab.bench.cost import (
@@ -191,7 +115,10 @@ def run_cost(args: argparse.Namespace) -> int:
     device = args.device
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if args.resolutions:
-        resolutions = _parse_resolutions(args.resolutions)
+        try:
+            resolutions = parse_resolutions(args.resolutions)
+        except ValueError as error:
+            raise SystemExit(f"cirlab-bench: {error}") from None
     else:
         resolutions = PAPER_RESOLUTIONS if on_gpu else CPU_RESOLUTIONS
     naive = args.naive.strip().lower()
@@ -208,21 +135,6 @@ def run_cost(args: argparse.Namespace) -> int:
     print(table)
     print(f"written to {out / 'cost.json'}, {out / 'cost.md'}, {out / 'flops_per_task.png'}")
     return 0
-
-
-def write_cost_outputs(record: dict, out: Path, command: str, notes: list[str], **meta) -> str:
-    """Stamp a :func:`cirlab.bench.cost.bench_cost` record (command, date, revision, machine,
-    notes, ``meta``) and write ``cost.json``, ``cost.md`` and ``flops_per_task.png`` into
-    ``out``; returns the Markdown table."""
-    from cirlab.bench.cost import markdown_table, plot_flops_per_task
-
-    record.update({"command": command, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   "revision": git_revision(), "machine": machine_description(), "notes": notes, **meta})
-    write_json_atomically(out / "cost.json", record)
-    table = markdown_table(record, notes)
-    write_text_atomically(out / "cost.md", table + "\n")
-    plot_flops_per_task(record, out / "flops_per_task.png")
-    return table
 
 
 def main(argv: list[str] | None = None) -> int:

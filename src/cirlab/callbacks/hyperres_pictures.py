@@ -7,14 +7,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cirlab.callbacks import publish_figure
+from cirlab.figures import publish_figure
 
 
 class LevelPicture(L.Callback):
     """After each validation, save ``dirpath/step{N}.png`` and ``latest.png``: top row the degraded
     inputs, bottom row the restorations, one column per level (default: the data's validation
     levels, which include levels outside the training set). Needs a
-    :class:`~cirlab.data.levels.LevelDataModule`; does nothing otherwise."""
+    :class:`~cirlab.data.hyperres.LevelDataModule`; does nothing otherwise."""
 
     def __init__(self, dirpath: str, levels: list[float] | None = None, crop: int = 160, seed: int = 0) -> None:
         self.dirpath = Path(dirpath)
@@ -29,7 +29,7 @@ class LevelPicture(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from cirlab.data.levels import _center_crop, degrade_image_levels
+        from cirlab.data.hyperres import _center_crop, degrade_image_levels
 
         levels = self.levels or datamodule.val_levels
         clean = _center_crop(clean[0], self.crop).contiguous()

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cirlab.models.search import TASNetSearchNet, disagreement
-from cirlab.modules.restoration import RestorationModule
+from cirlab.archs.tasnet_search import TASNetSearchNet, disagreement
+from cirlab.models.restoration import RestorationModule
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,15 @@ class TASNetSearch(RestorationModule):
         self.save_hyperparameters({"lambda1": lambda1, "lambda2": lambda2, "controller_lr": controller_lr,
                                    "init_ckpt": init_ckpt, "workload_grid": workload_grid})
         if not isinstance(self.net, TASNetSearchNet):
-            raise ValueError("model.net must build a cirlab.models.search.TASNetSearchNet")
+            raise ValueError("model.net must build a cirlab.archs.tasnet_search.TASNetSearchNet")
         if init_ckpt:
             self.load_supernet(init_ckpt)
 
     def load_supernet(self, path: str) -> None:
         """Start from a trained CResMD: its ``net.*`` weights become the supernetwork's."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
-        weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")} or state
+        from cirlab.checkpoints import net_state_dict, read_checkpoint
+
+        weights = net_state_dict(read_checkpoint(path, key="model.init_ckpt"), path=path, key="model.init_ckpt")
         missing, unexpected = self.net.supernet.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise ValueError(f"model.init_ckpt={path!r} is not a CResMD of this shape: missing {missing[:3]}, "
@@ -75,7 +75,7 @@ class TASNetSearch(RestorationModule):
 
     # ------------------------------------------------------------------------ objective
     def regularisers(self, result, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from cirlab.models.flops import MaskState, cresmd_flops, masked_flops
+        from cirlab.archs.flops import MaskState, cresmd_flops, masked_flops
 
         net = self.net
         tasks = result.output.shape[0]
@@ -116,8 +116,8 @@ class TASNetSearch(RestorationModule):
     @torch.no_grad()
     def architecture(self, height: int = HD[0], width: int = HD[1]) -> dict:
         """The current architecture on the workload grid: per-map channels, eta, FLOPs."""
-        from cirlab.data.evalsets import level_grid
-        from cirlab.models.flops import MaskState, cresmd_flops, masked_flops, searchable_maps
+        from cirlab.tasks import level_grid
+        from cirlab.archs.flops import MaskState, cresmd_flops, masked_flops, searchable_maps
 
         net = self.net
         tasks = level_grid(self.hparams.workload_grid).to(self.device)
@@ -159,8 +159,8 @@ class TASNetSearch(RestorationModule):
         root = Path(self.trainer.default_root_dir) / "search"
         with atomic_path(root / "architecture.json") as tmp:
             tmp.write_text(json.dumps({"step": self.global_step, **arch}, indent=1) + "\n")
-        from cirlab.callbacks import publish_figure
-        from cirlab.plots import architecture_figure
+        from cirlab.figures import publish_figure
+        from cirlab.figures import architecture_figure
 
         figure = architecture_figure(arch, title=f"step {self.global_step}")
         publish_figure(self.trainer, figure, root, f"architecture_step{self.global_step:07d}",

@@ -41,7 +41,7 @@ new noise.
 Evaluation: :func:`build_level_set` makes a deterministic set (every image of a folder at every
 level; image i at level L uses a generator seeded from (seed, i, L), so adding a level changes
 no other input) cached on disk like :mod:`cirlab.data.evalsets`; :func:`iter_level_images` makes
-the same inputs image by image without caching (the evaluation sweep of ``cirlab.hyperres_eval``).
+the same inputs image by image without caching (the evaluation sweep of ``cirlab.evaluation.levels``).
 Images are cropped to even size (the networks run their trunk at half resolution).
 """
 
@@ -60,12 +60,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cirlab.data.datamodule import _ID_STRIDE, RestorationDataModule
+from cirlab.checkpoints import read_torch_file, save_torch_file
 from cirlab.data.degradations import jpeg_roundtrip, quantize_uint8
-from cirlab.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+#: Column of the level tables holding each level scored by the dedicated network trained at it.
+ENVELOPE = "dedicated (own level)"
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,7 @@ def build_level_set(spec: LevelSetSpec, cache_dir: str | Path | None, progress: 
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     cache_file = Path(cache_dir) / f"{Path(spec.folder).name}-{spec.task}{len(levels)}-{key}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():
-        return torch.load(cache_file, weights_only=True)
+        return read_torch_file(cache_file, what="evaluation-set cache (delete it to regenerate)")
     from tqdm.auto import tqdm
 
     names, clean, inputs = [], [], []
@@ -219,8 +221,7 @@ def build_level_set(spec: LevelSetSpec, cache_dir: str | Path | None, progress: 
     data = {"names": names, "clean": clean, "inputs": inputs, "levels": torch.tensor(levels, dtype=torch.float64),
             "task": spec.task}
     if cache_file is not None:
-        with atomic_path(cache_file) as tmp:
-            torch.save(data, tmp)
+        save_torch_file(data, cache_file)
     return data
 
 

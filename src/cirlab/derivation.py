@@ -3,7 +3,7 @@
     cirlab-derive --ckpt logs/.../checkpoints/last.ckpt --out derived/ [--grid cresmd27]
                   [--height 720 --width 1280]
 
-Writes ``derived/tasnet.ckpt`` (:meth:`cirlab.models.tasnet.TASNet.save`: architecture, weights
+Writes ``derived/tasnet.ckpt`` (:meth:`cirlab.archs.tasnet.TASNet.save`: architecture, weights
 and provenance; ``torch.load(weights_only=True)`` reads it, no pickled objects),
 ``derived/architecture.json`` (the architecture plus a readable summary: shared depth, channels
 per map on the workload grid, FLOPs per inference against CResMD) and
@@ -28,16 +28,14 @@ The derived network computes what ``TASNetSearchNet.search_forward`` computes in
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cirlab.models.tasnet import FORMAT, TASNet, make_architecture
+from cirlab.archs.tasnet import FORMAT, TASNet, make_architecture
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +45,20 @@ HD = (720, 1280)
 def load_search_net(path: str | Path):
     """The ``TASNetSearchNet`` of a ``TASNetSearch`` checkpoint (network hyper-parameters from
     the checkpoint's ``hyper_parameters.net``; weights and buffers from ``net.*``)."""
-    from cirlab.models.search import TASNetSearchNet
+    from cirlab.archs.tasnet_search import TASNetSearchNet
+
+    from cirlab.checkpoints import net_state_dict, read_checkpoint, resolve_target
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such search checkpoint")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, key="--ckpt", what="TASNet search checkpoint")
     if checkpoint.get("format") == FORMAT:
         raise ValueError(f"{path} is already a derived TASNet checkpoint")
     config = dict((checkpoint.get("hyper_parameters") or {}).get("net") or {})
-    target = config.pop("_target_", "")
+    target = resolve_target(config.pop("_target_", ""))
     if not target.endswith("TASNetSearchNet"):
         raise ValueError(f"{path} is not a TASNet search checkpoint (its network is {target or 'unknown'!r})")
     net = TASNetSearchNet(**{k: v for k, v in config.items() if not k.startswith("_")})
-    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state, strict=True)
+    net.load_state_dict(net_state_dict(checkpoint, path=path, key="--ckpt"), strict=True)
     return net.eval()
 
 
@@ -132,9 +129,9 @@ def summarize(net: TASNet, grid: str | list = "cresmd27", height: int = HD[0], w
     """Readable summary on a task grid: shared depth, channels per map (count for a fixed map,
     min/mean/max over the grid's tasks for a controller map), FLOPs per inference (shared prefix
     amortised over the grid) against CResMD's. Same keys as ``TASNetSearch.architecture()``,
-    so ``cirlab.plots.architecture_figure`` draws it."""
-    from cirlab.data.evalsets import level_grid
-    from cirlab.models.flops import cresmd_flops
+    so ``cirlab.figures.architecture_figure`` draws it."""
+    from cirlab.tasks import level_grid
+    from cirlab.archs.flops import cresmd_flops
 
     tasks = level_grid(grid)
     cost = net.cost(tasks, height, width)
@@ -185,41 +182,11 @@ def derive_checkpoint(search_ckpt: str | Path, out_dir: str | Path, grid: str | 
     if figure:
         import matplotlib.pyplot as plt
 
-        from cirlab.callbacks import save_figure_atomically
-        from cirlab.plots import architecture_figure
+        from cirlab.figures import save_figure_atomically
+        from cirlab.figures import architecture_figure
 
         fig = architecture_figure(summary, title="derived TASNet")
         figure_path = out_dir / "architecture.png"
         save_figure_atomically(fig, figure_path)
         plt.close(fig)
     return Derived(net, ckpt_path, json_path, figure_path, summary)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``cirlab-derive``."""
-    parser = argparse.ArgumentParser(prog="cirlab-derive", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="TASNetSearch checkpoint (e.g. checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="output folder (tasnet.ckpt, architecture.json, architecture.png)")
-    parser.add_argument("--grid", default="cresmd27", help="task grid of the summary (cresmd27 or single)")
-    parser.add_argument("--height", type=int, default=HD[0], help="image height of the FLOPs summary")
-    parser.add_argument("--width", type=int, default=HD[1], help="image width of the FLOPs summary")
-    parser.add_argument("--no-figure", action="store_true", help="skip architecture.png")
-    args = parser.parse_args(argv)
-    try:
-        result = derive_checkpoint(args.ckpt, args.out, args.grid, args.height, args.width, figure=not args.no_figure)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"cirlab-derive: {error}", file=sys.stderr)
-        return 2
-    s = result.summary
-    print(f"derived TASNet: {s['shared_maps']}/{s['num_maps']} maps shared, {s['parameters']:,} parameters, "
-          f"{s['flops_per_inference'] / 1e9:.2f} GFLOPs per inference on {s['tasks']} tasks at {s['width']}x{s['height']} "
-          f"({100 * s['flops_ratio']:.1f}% of CResMD)")
-    print(f"checkpoint:   {result.ckpt_path}")
-    print(f"architecture: {result.json_path}")
-    if result.figure_path:
-        print(f"figure:       {result.figure_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,16 @@
-"""``python -m cirlab.hyperres_eval``: PSNR against degradation level, one curve per model.
+"""``python -m cirlab.evaluation.levels``: PSNR against degradation level, one curve per model.
 
 Scores HyperRes checkpoints and dedicated per-level networks (``experiment=hyperres_dedicated*``)
 over a range of levels, inside and outside the training range, as the paper's comparison
 figure (METHOD.md section 5)::
 
-    python -m cirlab.hyperres_eval --task denoise --model hyperres=logs/.../last.ckpt \\
+    python -m cirlab.evaluation.levels --task denoise --model hyperres=logs/.../last.ckpt \\
         --model logs/hyperres_dedicated/multiruns/.../*/checkpoints/last.ckpt
 
-Defaults per task (``cirlab.data.levels.TASKS``): denoise on ``<data-root>/CBSD68`` (RGB) at
+Defaults per task (``cirlab.data.hyperres.TASKS``): denoise on ``<data-root>/CBSD68`` (RGB) at
 sigma 5, 10, ..., 90; DeJPEG on ``<data-root>/LIVE1`` (Y) at q 10, 20, ..., 80; SR on
 ``<data-root>/Set5`` (Y) at x2 .. x6. Inputs are generated deterministically image by image
-(``cirlab.data.levels.iter_level_images``: image i at level L always gets the same noise), so
+(``cirlab.data.hyperres.iter_level_images``: image i at level L always gets the same noise), so
 every model sees the same inputs. Each image's levels go through a model in chunks of
 ``--chunk`` levels per forward pass (a mixed-level batch for HyperRes). PSNR/SSIM: paper
 convention (outputs clamped and rounded to uint8, whole image, no border crop), per image, then
@@ -26,8 +26,6 @@ levels label it.
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,12 +33,13 @@ from pathlib import Path
 
 import torch
 
-from cirlab.data.levels import LevelSetSpec, get_task, iter_level_images
-from cirlab.utils.run import write_json_atomically, write_text_atomically
+from cirlab.data.hyperres import ENVELOPE, LevelSetSpec, get_task, iter_level_images
+from cirlab.figures import plot_levels
+from cirlab.reports import write_level_tables
+from cirlab.utils.run import write_json_atomically
 
 log = logging.getLogger(__name__)
 
-ENVELOPE = "dedicated (own level)"
 
 
 @dataclass
@@ -57,8 +56,8 @@ class LevelModel:
 
 def load_level_model(spec: str, device: str | torch.device = "cpu") -> LevelModel:
     """``PATH`` or ``NAME=PATH`` of a cirlab HyperRes checkpoint (HyperResNet or a dedicated MainNet)."""
-    from cirlab.eval import load_module
-    from cirlab.models.hyperres import MainNet
+    from cirlab.checkpoints import load_module
+    from cirlab.archs.hyperres import MainNet
 
     name, sep, path = spec.partition("=")
     if not sep:
@@ -139,61 +138,6 @@ def evaluate_levels(models: Sequence[LevelModel], task: str, folder: str | Path,
             "psnr": psnr, "ssim": ssim, "train_levels": train_levels}
 
 
-def write_level_tables(out_dir: Path, stem: str, levels: Sequence[float], columns: dict[str, Sequence[float]],
-                       title: str = "") -> list[Path]:
-    """``<stem>.md`` and ``<stem>.csv``: one row per level, one column per entry of ``columns``."""
-    out_dir = Path(out_dir)
-    names = list(columns)
-    lines = ([f"{title}", ""] if title else []) + ["| level | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    csv = ["level," + ",".join(f'"{n}"' if "," in n else n for n in names)]
-    for i, level in enumerate(levels):
-        values = [f"{float(columns[n][i]):.4f}" for n in names]
-        lines.append(f"| {float(level):g} | " + " | ".join(v if v != "nan" else "" for v in values) + " |")
-        csv.append(f"{float(level):g}," + ",".join(values))
-    md, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-    write_text_atomically(md, "\n".join(lines) + "\n")
-    write_text_atomically(csv_path, "\n".join(csv) + "\n")
-    return [md, csv_path]
-
-
-def plot_levels(result: dict, path: Path, show_each_dedicated: bool = False) -> Path:
-    """PSNR against level, one curve per model (the paper's comparison figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cirlab.callbacks import save_figure_atomically
-
-    task = get_task(result["task"])
-    levels = result["levels"]
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    dedicated = {name for name, tl in result["train_levels"].items() if len(tl) == 1}
-    for name, values in result["psnr"].items():
-        if name == "input":
-            axis.plot(levels, values, ":", color="grey", label="degraded input")
-        elif name == ENVELOPE:
-            axis.plot(levels, values, "s--", color="black", markersize=4, label=name)
-        elif name in dedicated:
-            if show_each_dedicated:
-                axis.plot(levels, values, "-", alpha=0.35, linewidth=1, label=name)
-        else:
-            line = axis.plot(levels, values, "o-", markersize=3, label=name)[0]
-            for level in result["train_levels"].get(name, []):
-                if level in levels:
-                    axis.plot([level], [values[levels.index(level)]], "D", color=line.get_color(), markersize=7,
-                              markerfacecolor="none")
-    axis.set_xlabel(task.unit)
-    axis.set_ylabel(f"PSNR (dB, {result['channel'].upper()})")
-    axis.set_title(f"{result['task']}: {Path(result['folder']).name}, {result['images']} images "
-                   "(diamonds: HyperRes training levels)", fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    save_figure_atomically(figure, Path(path))
-    plt.close(figure)
-    return Path(path)
-
-
 def write_outputs(result: dict, out_dir: Path, show_each_dedicated: bool = False) -> list[Path]:
     out_dir = Path(out_dir)
     title = (f"PSNR (dB, {result['channel'].upper()}) against {get_task(result['task']).unit}: "
@@ -204,61 +148,3 @@ def write_outputs(result: dict, out_dir: Path, show_each_dedicated: bool = False
     paths.append(out_dir / "levels.json")
     paths.append(plot_levels(result, out_dir / "levels_psnr.png", show_each_dedicated))
     return paths
-
-
-def parse_levels(text: str | None) -> list[float] | None:
-    """``"5:90:5"`` (inclusive range) or ``"5,10,20"``; None keeps the task's sweep."""
-    if not text:
-        return None
-    if ":" in text:
-        start, stop, step = (float(v) for v in text.split(":"))
-        count = int(round((stop - start) / step)) + 1
-        return [start + i * step for i in range(count)]
-    return [float(v) for v in text.split(",")]
-
-
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse the command line, score the models, write the outputs; returns the result dict."""
-    parser = argparse.ArgumentParser(prog="python -m cirlab.hyperres_eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=sorted(("denoise", "dejpeg", "sr")))
-    parser.add_argument("--model", action="append", default=[], metavar="[NAME=]CKPT",
-                        help="a HyperRes or dedicated checkpoint (repeat; shell globs work)")
-    parser.add_argument("models", nargs="*", metavar="CKPT", help="more checkpoints")
-    parser.add_argument("--data", help="folder of clean test images (default: <data-root>/<task's test set>)")
-    parser.add_argument("--data-root", default="data", help="default: data")
-    parser.add_argument("--levels", help="'5:90:5' (inclusive) or '5,10,20'; default: the task's sweep")
-    parser.add_argument("--channel", choices=("rgb", "y"), help="default: rgb for denoise, y for dejpeg and sr")
-    parser.add_argument("--max-images", type=int)
-    parser.add_argument("--crop", type=int, help="centre crop (pixels) of each image; default: whole images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chunk", type=int, default=6, help="levels per forward pass (default 6)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="output folder (default: logs/hyperres_eval/<task>_<date>_<time>)")
-    parser.add_argument("--show-each-dedicated", action="store_true", help="also draw one curve per dedicated network")
-    args = parser.parse_args(argv)
-    specs = [*args.model, *args.models]
-    if not specs:
-        parser.error("give at least one checkpoint (--model [NAME=]CKPT)")
-    task = get_task(args.task)
-    folder = Path(args.data) if args.data else Path(args.data_root) / task.test_set
-    if not folder.is_dir():
-        parser.error(f"--data {folder}: no such folder (put the {task.test_set} images there or pass --data)")
-    out = Path(args.out) if args.out else Path("logs") / "hyperres_eval" / f"{args.task}_{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
-    models = [load_level_model(spec, args.device) for spec in specs]
-    result = evaluate_levels(models, args.task, folder, parse_levels(args.levels), channel=args.channel, seed=args.seed,
-                             max_images=args.max_images, crop=args.crop, device=args.device, chunk=args.chunk)
-    paths = write_outputs(result, out, args.show_each_dedicated)
-    print((out / "levels.md").read_text())
-    print("written:", ", ".join(str(p) for p in paths))
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point (returns nothing, so a console script exits 0)."""
-    logging.basicConfig(level=logging.INFO)
-    run(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,1 +1,0 @@
-"""LightningModules: losses, metrics, optimisers and logging around the plain networks."""
