@@ -89,7 +89,7 @@ def test_eval_scores_a_checkpoint_and_writes_tables(train_cfg, tmp_path, shared_
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     eval_cfg = train_cfg(f"ckpt_path={ckpt}", "data=embedded", "data.test_crop=48", "data.num_workers=0",
                          f"hydra.run.dir={tmp_path / 'eval'}", config_name="eval")
-    metrics = evaluate(eval_cfg)
+    metrics = evaluate(eval_cfg).metrics
     out = Path(eval_cfg.paths.output_dir)
     assert (out / "test_per_task.md").read_text().count("\n") == 2 + 27
     assert "test/psnr" in (out / "test_average.md").read_text()

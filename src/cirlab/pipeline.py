@@ -70,10 +70,6 @@ class Stage:
 
 
 # --------------------------------------------------------------------------- config
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 def check_pipeline_config(cfg: DictConfig) -> dict:
     """The ``pipeline`` node as plain data, after checking what can be checked without running:
     stage names and order, checkpoint choices, and inputs (files that exist)."""
@@ -82,7 +78,7 @@ def check_pipeline_config(cfg: DictConfig) -> dict:
         raise PipelineError(f"{', '.join(stray)}: not pipeline settings. An experiment that configures one training "
                             "job (model, data, trainer, ...) runs with cirlab-train (`make fit experiment=...`); "
                             "pipeline experiments set pipeline.* keys")
-    spec = _plain(cfg.pipeline)
+    spec = OmegaConf.to_container(cfg.pipeline, resolve=True)
     stages = list(spec.get("stages") or [])
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -235,9 +231,9 @@ def _run_derive(stage: Stage, spec: dict, search_ckpt: str) -> dict[str, Any]:
 
 def _run_evaluate(stage: Stage, spec: dict, seed: int, checkpoints: dict[str, str]) -> dict[str, Any]:
     from cirlab.evaluation.grid import evaluate
-    from cirlab.reports import grid_rows
+    from cirlab.reports import comparison_table
 
-    scored: dict[str, dict[str, float]] = {}
+    scored = {}
     for name, ckpt in checkpoints.items():
         folder = stage.folder / name.lower()
         overrides = _eval_overrides(spec, seed, ckpt)
@@ -247,13 +243,13 @@ def _run_evaluate(stage: Stage, spec: dict, seed: int, checkpoints: dict[str, st
             scored[name] = evaluate(cfg)
         finally:
             finish_wandb()
-    table = comparison_table(scored, {name: grid_rows(metrics)[1] for name, metrics in scored.items()},
-                             _flops_per_task(checkpoints))
+    table = comparison_table({name: result.metrics for name, result in scored.items()},
+                             {name: result.per_task for name, result in scored.items()}, _flops_per_task(checkpoints))
     path = stage.folder / "comparison.md"
     write_text_atomically(path, table)
     log.info("CResMD and TASNet side by side:\n%s", table)
     return {"comparison_md": str(path),
-            "metrics": {name: {k: v for k, v in m.items() if "_grid/" not in k} for name, m in scored.items()},
+            "metrics": {name: {k: v for k, v in r.metrics.items() if "_grid/" not in k} for name, r in scored.items()},
             "run_dirs": {name: str(stage.folder / name.lower()) for name in checkpoints}}
 
 
@@ -271,44 +267,6 @@ def _flops_per_task(checkpoints: dict[str, str], height: int = 720, width: int =
         split = flops_split(load_network(ckpt), tasks, height, width)
         out[name] = {"labels": labels, "first_pass": split["first_pass"], "total": split["total"]}
     return out
-
-
-def comparison_table(scored: dict[str, dict[str, float]], rows: dict[str, list[dict]], flops: dict[str, dict]) -> str:
-    """Markdown: the averages, then one row per task with each model's PSNR/SSIM and FLOPs."""
-    names = list(scored)
-    lines = ["# CResMD and TASNet on the same test grid", "",
-             "Averages over the degraded task vectors (the clean point apart); FLOPs of the whole 27-point "
-             "workload on one 1280x720 image (2 per MAC, convolutions only; TASNet's shared prefix once).", "",
-             "| model | PSNR (dB) | SSIM | GFLOPs (27 tasks, HD) | FLOPs vs " + names[0] + " |", "|---|---|---|---|---|"]
-    base = flops[names[0]]["total"]
-    for name in names:
-        m = scored[name]
-        total = flops[name]["total"]
-        lines.append(f"| {name} | {m.get('test/psnr', float('nan')):.2f} | {m.get('test/ssim', float('nan')):.4f} | "
-                     f"{total / 1e9:,.1f} | {100 * total / base:.1f}% |")
-    by_label = {name: {row["label"]: row for row in rows[name]} for name in names}
-    labels = [row["label"] for row in rows[names[0]]]
-    header = ["task (r, sigma, q)"]
-    for name in names:
-        header += [f"{name} PSNR", f"{name} SSIM", f"{name} GFLOPs"]
-    if len(names) == 2:
-        header.append(f"PSNR {names[1]} - {names[0]}")
-    lines += ["", "Per task (GFLOPs: that task alone, prefix included, at 1280x720):", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    flops_by_label = {name: dict(zip(flops[name]["labels"], flops[name]["first_pass"])) for name in names}
-    for label in labels:
-        first = by_label[names[0]][label]
-        cells = [f"r={first['r']}, sigma={first['sigma']}, q={first['q']}"]
-        for name in names:
-            row = by_label[name].get(label, {})
-            g = flops_by_label[name].get(label)
-            cells += [f"{row['psnr']:.2f}" if "psnr" in row else "", f"{row['ssim']:.4f}" if "ssim" in row else "",
-                      f"{g / 1e9:.2f}" if g is not None else ""]
-        if len(names) == 2:
-            a, b = by_label[names[0]].get(label, {}), by_label[names[1]].get(label, {})
-            cells.append(f"{b['psnr'] - a['psnr']:+.2f}" if "psnr" in a and "psnr" in b else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _run_bench(stage: Stage, spec: dict, cresmd_ckpt: str, tasnet_ckpt: str) -> dict[str, Any]:

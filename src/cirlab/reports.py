@@ -1,51 +1,70 @@
-"""Result tables of an evaluation grid: one row per task vector, plus the average.
+"""Result tables written from structured per-task results (never parsed back from metric names).
 
-The test step logs ``<stage>_grid/<metric>/<label>`` for every grid point (label e.g.
-``r1.0_s15_q80``, ``qnone`` = no JPEG); these functions turn such a metrics dict into
-``<stage>_per_task.md`` / ``.csv`` and ``<stage>_average.md`` in a run directory.
+A test run of a grid (CResMD's 27 task vectors, a HyperRes level sweep) yields a
+:class:`PerTaskResult`: one value per grid point and metric, with the grid's task vectors. The
+writers turn it into Markdown and CSV files in a run directory, each written atomically.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from cirlab.utils.run import write_text_atomically
 
-_LABEL = re.compile(r"r(?P<r>[0-9.]+)_s(?P<s>[0-9]+)_q(?P<q>none|[0-9]+)")
+
+@dataclass
+class PerTaskResult:
+    """Per-grid-point means of one evaluation.
+
+    ``labels[i]`` names point i (``r1.0_s15_q80``, ``sigma15``); ``values[metric][i]`` is its
+    mean over the images (``psnr``, ``ssim``, ``psnr_input``: the degraded input's own PSNR);
+    ``levels`` (G, 3) holds the task vectors of a blur/noise/JPEG grid, None for other grids.
+    """
+
+    labels: list[str]
+    values: dict[str, list[float]] = field(default_factory=dict)
+    levels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name, column in self.values.items():
+            if len(column) != len(self.labels):
+                raise ValueError(f"per-task column {name!r} has {len(column)} values for {len(self.labels)} points")
+        if self.levels is not None and tuple(self.levels.shape) != (len(self.labels), 3):
+            raise ValueError(f"levels of shape {tuple(self.levels.shape)} for {len(self.labels)} grid points")
+
+    def rows(self) -> list[dict]:
+        """One dict per point: ``label``, the physical levels ``r``, ``sigma``, ``q`` as text
+        (empty without task vectors; ``q`` is ``none`` for no JPEG) and every metric."""
+        physical = [("", "", "")] * len(self.labels)
+        if self.levels is not None:
+            from cirlab.tasks import NO_JPEG, task_to_physical
+
+            physical = [(f"{r:.1f}", f"{int(round(sigma))}", "none" if q == NO_JPEG else f"{int(round(q))}")
+                        for r, sigma, q in task_to_physical(self.levels.double().cpu()).tolist()]
+        return [{"label": label, "r": r, "sigma": sigma, "q": q, **{m: v[i] for m, v in self.values.items()}}
+                for i, (label, (r, sigma, q)) in enumerate(zip(self.labels, physical))]
 
 
-def grid_rows(metrics: dict[str, float], stage: str = "test") -> tuple[list[str], list[dict]]:
-    """Rows ``{"label", "r", "sigma", "q", <metric>: value}`` in logging order, and the metric names."""
-    prefix = f"{stage}_grid/"
-    rows: dict[str, dict] = {}
-    names: list[str] = []
-    for key, value in metrics.items():
-        if not key.startswith(prefix):
-            continue
-        metric, label = key[len(prefix):].split("/", 1)
-        if metric not in names:
-            names.append(metric)
-        match = _LABEL.fullmatch(label)
-        row = rows.setdefault(label, {"label": label, "r": match["r"] if match else "", "sigma": match["s"] if match else "",
-                                       "q": match["q"] if match else ""})
-        row[metric] = value
-    return names, list(rows.values())
+def _task_name(row: dict) -> str:
+    return f"r={row['r']}, sigma={row['sigma']}, q={row['q']}" if row["r"] != "" else row["label"]
 
 
-def write_grid_tables(metrics: dict[str, float], out_dir: Path, stage: str = "test") -> list[Path]:
-    """Write the per-task and average tables; returns the written paths (none if no grid metrics)."""
-    names, rows = grid_rows(metrics, stage)
-    if not rows:
-        return []
+def write_grid_tables(result: PerTaskResult, averages: dict[str, float], out_dir: Path, stage: str = "test") -> list[Path]:
+    """``<stage>_per_task.md`` / ``.csv`` (one row per grid point) and ``<stage>_average.md``
+    (every ``<stage>/...`` entry of ``averages``); returns the written paths."""
     out_dir = Path(out_dir)
+    names = list(result.values)
+    rows = result.rows()
     header = ["task (r, sigma, q)", *[n.upper() for n in names]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     csv = ["label,r,sigma,q," + ",".join(names)]
     for row in rows:
-        values = [f"{row[n]:.4f}" if n in row else "" for n in names]
-        lines.append(f"| r={row['r']}, sigma={row['sigma']}, q={row['q']} | " + " | ".join(values) + " |")
+        values = [f"{row[n]:.4f}" for n in names]
+        lines.append(f"| {_task_name(row)} | " + " | ".join(values) + " |")
         csv.append(",".join([row["label"], row["r"], row["sigma"], row["q"], *values]))
     per_task_md, per_task_csv = out_dir / f"{stage}_per_task.md", out_dir / f"{stage}_per_task.csv"
     write_text_atomically(per_task_md, "\n".join(lines) + "\n")
@@ -54,11 +73,51 @@ def write_grid_tables(metrics: dict[str, float], out_dir: Path, stage: str = "te
     average = [f"Grid of {len(rows)} task vectors. `{stage}/psnr` and `{stage}/ssim` average the restoration "
                "tasks (points with some degradation); `_all_points` includes the clean point.", "",
                "| metric | value |", "|---|---|"]
-    for key in sorted(k for k in metrics if k.startswith(f"{stage}/")):
-        average.append(f"| {key} | {metrics[key]:.4f} |")
+    for key in sorted(k for k in averages if k.startswith(f"{stage}/")):
+        average.append(f"| {key} | {averages[key]:.4f} |")
     average_md = out_dir / f"{stage}_average.md"
     write_text_atomically(average_md, "\n".join(average) + "\n")
     return [per_task_md, per_task_csv, average_md]
+
+
+def comparison_table(averages: dict[str, dict[str, float]], results: dict[str, PerTaskResult],
+                     flops: dict[str, dict]) -> str:
+    """Markdown comparing models scored on the same grid: their averages, then one row per task
+    with each model's PSNR, SSIM and GFLOPs (``flops[name]``: ``labels``, ``first_pass`` per task
+    and ``total`` of the workload, in FLOPs)."""
+    names = list(averages)
+    lines = ["# CResMD and TASNet on the same test grid", "",
+             "Averages over the degraded task vectors (the clean point apart); FLOPs of the whole 27-point "
+             "workload on one 1280x720 image (2 per MAC, convolutions only; TASNet's shared prefix once).", "",
+             "| model | PSNR (dB) | SSIM | GFLOPs (27 tasks, HD) | FLOPs vs " + names[0] + " |", "|---|---|---|---|---|"]
+    base = flops[names[0]]["total"]
+    for name in names:
+        m = averages[name]
+        total = flops[name]["total"]
+        lines.append(f"| {name} | {m.get('test/psnr', float('nan')):.2f} | {m.get('test/ssim', float('nan')):.4f} | "
+                     f"{total / 1e9:,.1f} | {100 * total / base:.1f}% |")
+    by_label = {name: {row["label"]: row for row in results[name].rows()} for name in names}
+    labels = results[names[0]].labels
+    header = ["task (r, sigma, q)"]
+    for name in names:
+        header += [f"{name} PSNR", f"{name} SSIM", f"{name} GFLOPs"]
+    if len(names) == 2:
+        header.append(f"PSNR {names[1]} - {names[0]}")
+    lines += ["", "Per task (GFLOPs: that task alone, prefix included, at 1280x720):", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    flops_by_label = {name: dict(zip(flops[name]["labels"], flops[name]["first_pass"])) for name in names}
+    for label in labels:
+        cells = [_task_name(by_label[names[0]][label])]
+        for name in names:
+            row = by_label[name].get(label, {})
+            g = flops_by_label[name].get(label)
+            cells += [f"{row['psnr']:.2f}" if "psnr" in row else "", f"{row['ssim']:.4f}" if "ssim" in row else "",
+                      f"{g / 1e9:.2f}" if g is not None else ""]
+        if len(names) == 2:
+            a, b = by_label[names[0]].get(label, {}), by_label[names[1]].get(label, {})
+            cells.append(f"{b['psnr'] - a['psnr']:+.2f}" if "psnr" in a and "psnr" in b else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_level_tables(out_dir: Path, stem: str, levels: Sequence[float], columns: dict[str, Sequence[float]],

@@ -85,12 +85,12 @@ def run_training(cfg: DictConfig) -> TrainingRun:
             log.warning("no best checkpoint was saved: testing the current weights")
         trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update(metrics_to_floats(trainer.callback_metrics))
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and hasattr(model, "per_task_result"):
             from cirlab.reports import write_grid_tables
 
-            tables = write_grid_tables(metrics, Path(cfg.paths.output_dir), stage="test")
+            tables = write_grid_tables(model.per_task_result(), metrics, Path(cfg.paths.output_dir), stage="test")
             log.info("test tables: %s", ", ".join(str(p) for p in tables))
-            log.info("test averages:\n%s", tables[-1].read_text() if tables else "(no grid metrics)")
+            log.info("test averages:\n%s", tables[-1].read_text())
 
     if trainer.is_global_zero:
         metrics.update({k: float(v) for k, v in counts.items()})

@@ -1,13 +1,15 @@
-"""``cirlab-eval ckpt_path=...``: score a checkpoint on the test grid and write its tables.
+"""Score a module checkpoint on a task-vector grid (``conf/eval.yaml``; ``cirlab-eval``).
 
-Default data: CBSD68 under ``paths.data_dir`` with CResMD's 27-point grid (``data=cbsd68``);
-any data config with a ``test_dir`` works (``data=embedded`` for the bundled photos). Writes
-``test_per_task.md/.csv``, ``test_average.md`` and ``metrics.json`` to the run directory.
+The data config's test set (default: CBSD68 at CResMD's 27 points; any config with a
+``test_dir``) runs through ``trainer.test``; :func:`evaluate` writes ``test_per_task.md/.csv``,
+``test_average.md`` and ``metrics.json`` to ``paths.output_dir`` (rank 0) and returns the
+averages and the structured per-task result.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -16,12 +18,22 @@ from omegaconf import DictConfig
 
 from cirlab.checkpoints import load_module
 from cirlab.config import validate_config
+from cirlab.reports import PerTaskResult, write_grid_tables
 from cirlab.utils.run import instantiate_loggers, metrics_to_floats, write_json_atomically
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
+@dataclass
+class GridEvaluation:
+    """``metrics``: every logged value (``test/psnr``, ``test_grid/...``); ``per_task``: the grid's table."""
+
+    metrics: dict[str, float]
+    per_task: PerTaskResult
+
+
+def evaluate(cfg: DictConfig) -> GridEvaluation:
+    """Test ``cfg.ckpt_path`` on ``cfg.data``'s test set; see the module docstring."""
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     model = load_module(cfg.ckpt_path, test_iqa=bool(cfg.get("iqa", False)))
@@ -31,13 +43,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                                  enable_checkpointing=False)
     trainer.test(model=model, datamodule=datamodule, verbose=False)
     metrics = metrics_to_floats(trainer.callback_metrics)
+    per_task = model.per_task_result()
     if trainer.is_global_zero:
-        from cirlab.reports import write_grid_tables
-
         out_dir = Path(cfg.paths.output_dir)
-        paths = write_grid_tables(metrics, out_dir, stage="test")
+        paths = write_grid_tables(per_task, metrics, out_dir, stage="test")
         write_json_atomically(out_dir / "metrics.json", {"ckpt_path": str(cfg.ckpt_path), **metrics})
         log.info("tables: %s", ", ".join(str(p) for p in paths))
         if paths:
             log.info("test averages:\n%s", paths[-1].read_text())
-    return metrics
+    return GridEvaluation(metrics, per_task)

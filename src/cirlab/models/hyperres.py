@@ -35,11 +35,9 @@ from pathlib import Path
 import torch
 
 from cirlab.models.restoration import PSNR_CAP_DB, RestorationModule
+from cirlab.tasks import HD
 
 log = logging.getLogger(__name__)
-
-HD = (720, 1280)
-
 
 def _cost_counts(net, tasks: int | None = None) -> dict[str, float]:
     """GFLOPs (2 per multiply-add) of restoring one 1280x720 image, and of the ``tasks``-point workload

@@ -1,17 +1,20 @@
-"""Shared LightningModule machinery for task-vector-conditioned restoration networks.
+"""``RestorationModule``: the LightningModule base of every task-vector-conditioned network.
 
 A subclass supplies the network; this base owns the L1 loss, the optimiser and schedule built
-from config, and the evaluation protocol:
+from config (a subclass chooses what trains through :meth:`RestorationModule.parameter_groups`),
+and the evaluation protocol:
 
-* validation: per-image PSNR/SSIM (torchmetrics convention, float outputs clamped to [0, 1])
-  per grid point, logged as ``val/psnr`` and ``val/ssim`` (mean over all images and points);
-* test: the paper convention (uint8 rounding, RGB) per grid point, logged as ``test/psnr``,
-  ``test/ssim`` and optionally ``test/niqe``, ``test/brisque``; ``per_task_table()`` returns
-  the per-grid-point numbers for the result tables.
+* validation: per-image PSNR/SSIM (torchmetrics convention, outputs clamped to [0, 1]) per grid
+  point; ``val/psnr`` and ``val/ssim`` average the restoration tasks (points with some degradation);
+* test: the paper convention (uint8 rounding, RGB) per grid point: ``test/psnr``, ``test/ssim``
+  (restoration tasks), ``test/psnr_all_points``, optionally ``test/niqe``, ``test/brisque``, and
+  ``test_grid/<metric>/<label>`` per point for the loggers; :meth:`per_task_result` gives the same
+  numbers structured, for the tables of :mod:`cirlab.reports`.
 
-Networks, optimisers and schedulers are given as Hydra-style dicts (``_target_``, with
-``_partial_`` for optimisers) and stored as plain hyper-parameters, so checkpoints load with
-``weights_only=True`` and never contain pickled objects (nor pyiqa's networks).
+``net``, ``optimizer`` and ``scheduler`` are plain dicts in Hydra's form (``_target_``;
+``_partial_`` for the optimiser and scheduler; the model configs set ``_convert_: all``), kept as
+hyper-parameters, so checkpoints load with ``weights_only=True`` and hold no pickled objects
+(nor pyiqa's networks).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from cirlab.metrics.grouped import GroupedMean
 
@@ -31,10 +34,13 @@ from cirlab.metrics.grouped import GroupedMean
 PSNR_CAP_DB = 100.0
 
 
-def _plain(config: Any) -> Any:
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return config
+def check_plain_config(value: Any, key: str) -> Any:
+    """``value`` unchanged if it holds no OmegaConf container (a checkpoint could not store one
+    for ``weights_only`` loading); otherwise a ``TypeError`` naming ``key``."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        raise TypeError(f"{key} is an OmegaConf {type(value).__name__}: instantiate the model config with "
+                        "_convert_: all (as conf/model/*.yaml do) or pass plain dicts")
+    return value
 
 
 class RestorationModule(L.LightningModule):
@@ -50,7 +56,8 @@ class RestorationModule(L.LightningModule):
         iqa_weights_dir: str | None = None,
     ) -> None:
         super().__init__()
-        net, optimizer, scheduler = _plain(net), _plain(optimizer), _plain(scheduler)
+        for key, value in (("net", net), ("optimizer", optimizer), ("scheduler", scheduler)):
+            check_plain_config(value, f"model.{key}")
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"model.scheduler_interval={scheduler_interval!r} must be 'step' or 'epoch'")
         self.save_hyperparameters({
@@ -83,8 +90,13 @@ class RestorationModule(L.LightningModule):
         self.log("train/l1", loss, prog_bar=True, batch_size=batch["input"].shape[0])
         return loss
 
+    def parameter_groups(self) -> list:
+        """What the optimiser trains: parameters or parameter-group dicts (``{"params", "lr", ...}``).
+        The default is every parameter of the network; subclasses narrow or split it."""
+        return list(self.net.parameters())
+
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer)(params=self.net.parameters())
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameter_groups())
         if not self.hparams.scheduler:
             return optimizer
         scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
@@ -176,6 +188,16 @@ class RestorationModule(L.LightningModule):
         if table is None:
             raise RuntimeError("per_task_table() needs a finished trainer.test() run")
         return table
+
+    def per_task_result(self):
+        """The last test run as a :class:`cirlab.reports.PerTaskResult` (labels, values, task vectors)."""
+        from cirlab.reports import PerTaskResult
+
+        table = self.per_task_table()
+        labels = getattr(self, "grid_labels", None) or [f"point{i}" for i in range(len(table["psnr"]))]
+        levels = getattr(self, "test_levels", None)
+        levels = levels if levels is not None and len(levels) == len(labels) else None
+        return PerTaskResult(labels=list(labels), values={k: v.tolist() for k, v in table.items()}, levels=levels)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cirlab_module"] = f"{type(self).__module__}.{type(self).__qualname__}"

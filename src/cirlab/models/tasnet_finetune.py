@@ -32,12 +32,10 @@ import logging
 from pathlib import Path
 
 
-from cirlab.models.restoration import RestorationModule, _plain
+from cirlab.models.restoration import RestorationModule, check_plain_config
+from cirlab.tasks import HD
 
 log = logging.getLogger(__name__)
-
-HD = (720, 1280)
-
 
 class TASNetFinetune(RestorationModule):
     """Fine-tune a fixed TASNet architecture; see the module docstring.
@@ -55,7 +53,7 @@ class TASNetFinetune(RestorationModule):
                  init_ckpt: str | None = None, scheduler: dict | None = None, scheduler_interval: str = "step",
                  flops_grid: str | list = "cresmd27", test_iqa: bool = False, iqa_weights_dir: str | None = None,
                  derived_from: str | None = None, initialised_from: str | None = None) -> None:
-        net = _plain(net)
+        check_plain_config(net, "model.net")
         weights = None
         if net is None:
             if not derived_ckpt:
@@ -128,11 +126,6 @@ class TASNetFinetune(RestorationModule):
         counts["model/shared_maps"] = self.net.shared_maps
         return counts
 
-    def configure_optimizers(self):
-        from hydra.utils import instantiate
-
-        optimizer = instantiate(self.hparams.optimizer)(params=[p for p in self.net.parameters() if p.requires_grad])
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
+    def parameter_groups(self) -> list:
+        """Everything but the frozen controllers."""
+        return [p for p in self.net.parameters() if p.requires_grad]

@@ -19,7 +19,6 @@ map: shared or not, eta, channels) and draws the architecture picture.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -28,11 +27,9 @@ import torch.nn.functional as F
 
 from cirlab.archs.tasnet_search import TASNetSearchNet, disagreement
 from cirlab.models.restoration import RestorationModule
+from cirlab.tasks import HD
 
 log = logging.getLogger(__name__)
-
-HD = (720, 1280)
-
 
 class TASNetSearch(RestorationModule):
     """Search over a CResMD supernetwork; see the module docstring.
@@ -97,20 +94,13 @@ class TASNetSearch(RestorationModule):
         self.log("search/shared_maps", float(result.phi.sum()), prog_bar=True, batch_size=size)
         return loss
 
-    def configure_optimizers(self):
-        from hydra.utils import instantiate
-
+    def parameter_groups(self) -> list:
+        """Two groups: network weights (``optimizer.lr``) and controllers (``controller_lr``)."""
         controllers = list(self.net.controllers.parameters())
         ids = {id(p) for p in controllers}
         weights = [p for p in self.net.parameters() if id(p) not in ids]
-        optimizer = instantiate(self.hparams.optimizer)(params=[
-            {"params": weights, "name": "weights"},
-            {"params": controllers, "lr": self.hparams.controller_lr, "name": "controllers"},
-        ])
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
+        return [{"params": weights, "name": "weights"},
+                {"params": controllers, "lr": self.hparams.controller_lr, "name": "controllers"}]
 
     # ------------------------------------------------------------------------ reporting
     @torch.no_grad()
@@ -154,13 +144,11 @@ class TASNetSearch(RestorationModule):
             self.save_architecture(arch)
 
     def save_architecture(self, arch: dict) -> None:
-        from cirlab.utils.files import atomic_path
+        from cirlab.figures import architecture_figure, publish_figure
+        from cirlab.utils.run import write_json_atomically
 
         root = Path(self.trainer.default_root_dir) / "search"
-        with atomic_path(root / "architecture.json") as tmp:
-            tmp.write_text(json.dumps({"step": self.global_step, **arch}, indent=1) + "\n")
-        from cirlab.figures import publish_figure
-        from cirlab.figures import architecture_figure
+        write_json_atomically(root / "architecture.json", {"step": self.global_step, **arch})
 
         figure = architecture_figure(arch, title=f"step {self.global_step}")
         publish_figure(self.trainer, figure, root, f"architecture_step{self.global_step:07d}",
