@@ -78,7 +78,7 @@ def test_two_point_sweep_through_the_real_config(tmp_path, shared_cache):
 def test_tasnet_optuna_study_runs_a_trial_with_both_objectives(tmp_path, shared_cache):
     import optuna
 
-    from cirlab.sweep import main
+    from cirlab.cli.sweep import main
 
     overrides = [o for o in TINY if not o.startswith(("callbacks.task_grid_picture", "model="))]
     args = ["hparams_search=tasnet_optuna", "optuna.n_trials=1", *overrides, *SEARCH, "trainer.max_steps=2",

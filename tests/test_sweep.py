@@ -1,4 +1,4 @@
-"""cirlab.sweep: the Pareto front, the Optuna driver (persistent study, resume, failed and pruned
+"""cirlab.sweeps: the Pareto front, the Optuna driver (persistent study, resume, failed and pruned
 trials) and summaries of a study and of a Hydra multirun."""
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ import torch
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from cirlab import sweep
-from cirlab.sweep import format_override_value, main, pareto_front, parse_objectives, run_sweep, summarize
+from cirlab.cli.sweep import main
+from cirlab.sweeps import driver
+from cirlab.sweeps.driver import run_sweep
+from cirlab.sweeps.spec import format_override_value
+from cirlab.sweeps.summary import pareto_front, parse_objectives, summarize, write_summary
 from conftest import TINY
 
 # TINY, trimmed to two steps of training and no test stage (what test_train's multirun uses)
@@ -117,7 +120,7 @@ def test_missing_objective_metric_fails_the_trial_and_the_study_goes_on(study_ar
         return {k: v for k, v in metrics.items() if k != "val/psnr"}
 
     fake = FakeTrain([drop_psnr])
-    monkeypatch.setattr(sweep, "train_job", fake)
+    monkeypatch.setattr(driver, "train_job", fake)
     args = study_args("missing", n_trials=2)
     result = run_sweep([*args, "optuna.n_trials=2"])
     assert result.complete
@@ -140,7 +143,7 @@ def test_missing_objective_metric_fails_the_trial_and_the_study_goes_on(study_ar
 
 
 def test_driver_gives_up_after_consecutive_failures(study_args, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "train_job", FakeTrain([lambda cfg, m: {}] * 5))
+    monkeypatch.setattr(driver, "train_job", FakeTrain([lambda cfg, m: {}] * 5))
     assert main([*study_args("hopeless", n_trials=3), "optuna.max_consecutive_failures=2"]) == 1
     assert [t.state for t in load(tmp_path, "hopeless").trials] == [TrialState.FAIL] * 2
     summary = tmp_path / "logs" / "sweeps" / "hopeless" / "summary.md"
@@ -152,7 +155,7 @@ def test_training_error_fails_the_trial_with_its_message(study_args, tmp_path, m
     def boom(cfg, metrics):
         raise RuntimeError("CUDA out of memory (pretend)")
 
-    monkeypatch.setattr(sweep, "train_job", FakeTrain([boom]))
+    monkeypatch.setattr(driver, "train_job", FakeTrain([boom]))
     assert run_sweep(study_args("boom", n_trials=1)).complete
     first = load(tmp_path, "boom").trials[0]
     assert first.state == TrialState.FAIL and "out of memory" in first.user_attrs["fail_reason"]
@@ -171,7 +174,7 @@ def test_single_objective_study_prunes_with_median_pruner(study_args, tmp_path, 
         callback.on_validation_end(trainer, None)
         return {**metrics, "val/psnr": value}
 
-    monkeypatch.setattr(sweep, "train_job", FakeTrain([validate_once] * 3))
+    monkeypatch.setattr(driver, "train_job", FakeTrain([validate_once] * 3))
     args = study_args("pruned", n_trials=3, objectives={"val/psnr": "maximize"},
                       pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0})
     assert run_sweep(args).complete
@@ -179,7 +182,7 @@ def test_single_objective_study_prunes_with_median_pruner(study_args, tmp_path, 
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
     assert "step 4" in trials[1].user_attrs["pruned_reason"]
     # the summary of a one-objective study: best marked, plot written
-    rows, out = sweep._summarize(tmp_path / "logs" / "sweeps" / "pruned.db", None, None, None)
+    rows, out = write_summary(tmp_path / "logs" / "sweeps" / "pruned.db")
     assert [r["pareto"] for r in rows] == [False, False, True]
     assert (out / "pareto.png").stat().st_size > 5_000
 
@@ -194,7 +197,7 @@ def test_single_objective_study_prunes_with_median_pruner(study_args, tmp_path, 
 ])
 def test_bad_study_fails_before_any_trial(study_args, tmp_path, monkeypatch, extra, override, message):
     fake = FakeTrain()
-    monkeypatch.setattr(sweep, "train_job", fake)
+    monkeypatch.setattr(driver, "train_job", fake)
     args = study_args("bad", **extra)
     with pytest.raises(ValueError, match=message):
         run_sweep([*args, *([override] if override else [])])
@@ -207,7 +210,7 @@ def test_no_study_named_says_how_to_name_one(tmp_path):
 
 
 def test_changed_objectives_are_refused_on_resume(study_args, tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "train_job", FakeTrain())
+    monkeypatch.setattr(driver, "train_job", FakeTrain())
     run_sweep(study_args("fixed", n_trials=1))
     with pytest.raises(ValueError, match="another optuna.study_name"):
         run_sweep(study_args("fixed", n_trials=2, objectives={"model/params_total": "minimize", "val/psnr": "maximize"}))
@@ -268,3 +271,23 @@ def test_summary_of_a_hydra_multirun(tmp_path, shared_cache, capsys):
     # the command line, with its default objectives, writes the same table
     assert main(["summarize", str(tmp_path / "sweep"), "--objectives", "val/psnr:max,model/params_total:min"]) == 0
     assert "2 rows" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- entry points and config targets
+def test_module_entry_point_prints_usage():
+    done = subprocess.run([sys.executable, "-m", "cirlab.cli.sweep", "--help"], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("usage: cirlab-sweep hparams_search=<study>")
+
+
+@pytest.mark.parametrize("name", ["cresmd_lr_grid", "tasnet_grid"])
+def test_grid_studies_name_the_multirun_summary_callback(name):
+    from hydra.utils import instantiate
+
+    from cirlab.config import CONFIG_DIR
+    from cirlab.sweeps.hydra_callback import MultirunSummary
+
+    node = OmegaConf.load(Path(CONFIG_DIR) / "hparams_search" / f"{name}.yaml").hydra.callbacks.summary
+    callback = instantiate(node)
+    assert isinstance(callback, MultirunSummary) and callback.objectives[0] == ("val/psnr", "maximize")
