@@ -61,7 +61,7 @@ def compose_job(config_name: str, overrides: list[str], run_dir: str | Path) -> 
     included (``return_hydra_config=True``), ``hydra.run.dir`` and ``hydra.runtime.output_dir``
     are ``run_dir`` (so ``${hydra:runtime.output_dir}``, hence ``paths.output_dir``, resolve to
     it) and the result is installed as the current ``HydraConfig``. Used by drivers that run
-    many jobs in one process (``cirlab.sweep``). Nothing is written to ``run_dir``.
+    many jobs in one process (``cirlab.sweeps.driver``). Nothing is written to ``run_dir``.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
