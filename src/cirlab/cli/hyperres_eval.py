@@ -1,5 +1,13 @@
-"""``cirlab-hyperres-eval``: PSNR against degradation level, one curve per HyperRes or dedicated model
-(``cirlab.evaluation.levels``)."""
+"""``cirlab-hyperres-eval``: PSNR against degradation level, one curve per HyperRes or dedicated model.
+
+    cirlab-hyperres-eval --task denoise --model HyperRes=logs/.../last.ckpt \\
+        logs/hyperres_dedicated/multiruns/.../*/checkpoints/last.ckpt
+
+Default test sets per task: denoise on ``<data-root>/CBSD68`` at sigma 5..90, DeJPEG on
+``<data-root>/LIVE1`` at q 10..80, SR on ``<data-root>/Set5`` at x2..x6 (``--levels`` and
+``--data`` choose others). A model given as ``NAME=PATH`` is labelled NAME; otherwise its task
+and training levels label it.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ def parse_levels(text: str | None) -> list[float] | None:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Parse the command line, score the models, write the outputs; returns the result dict."""
-    parser = argparse.ArgumentParser(prog="python -m cirlab.evaluation.levels", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="cirlab-hyperres-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=sorted(("denoise", "dejpeg", "sr")))
     parser.add_argument("--model", action="append", default=[], metavar="[NAME=]CKPT",

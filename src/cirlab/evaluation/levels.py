@@ -1,27 +1,13 @@
-"""``python -m cirlab.evaluation.levels``: PSNR against degradation level, one curve per model.
+"""Score scalar-level models (HyperRes, dedicated per-level networks) over a sweep of levels.
 
-Scores HyperRes checkpoints and dedicated per-level networks (``experiment=hyperres_dedicated*``)
-over a range of levels, inside and outside the training range, as the paper's comparison
-figure (METHOD.md section 5)::
-
-    python -m cirlab.evaluation.levels --task denoise --model hyperres=logs/.../last.ckpt \\
-        --model logs/hyperres_dedicated/multiruns/.../*/checkpoints/last.ckpt
-
-Defaults per task (``cirlab.data.hyperres.TASKS``): denoise on ``<data-root>/CBSD68`` (RGB) at
-sigma 5, 10, ..., 90; DeJPEG on ``<data-root>/LIVE1`` (Y) at q 10, 20, ..., 80; SR on
-``<data-root>/Set5`` (Y) at x2 .. x6. Inputs are generated deterministically image by image
-(``cirlab.data.hyperres.iter_level_images``: image i at level L always gets the same noise), so
-every model sees the same inputs. Each image's levels go through a model in chunks of
-``--chunk`` levels per forward pass (a mixed-level batch for HyperRes). PSNR/SSIM: paper
-convention (outputs clamped and rounded to uint8, whole image, no border crop), per image, then
-averaged over the set.
-
-Output folder (``--out``): ``levels.md`` / ``levels.csv`` (PSNR per level and model, the
-degraded input's PSNR, and for dedicated networks the envelope "dedicated (own level)": each
-level scored by the network trained at it), ``levels_ssim.csv``, ``levels.json`` and
-``levels_psnr.png`` (PSNR against level, one curve per model; training levels of HyperRes
-marked). A model given as ``NAME=PATH`` is labelled NAME; otherwise its task name and training
-levels label it.
+:func:`evaluate_levels` runs every model on the same deterministic inputs
+(:func:`cirlab.data.hyperres.iter_level_images`: image i at level L always gets the same noise),
+``chunk`` levels per forward pass (a mixed-level batch for HyperRes), and scores them with the
+paper convention (outputs clamped and rounded to uint8, whole image, the task's channel: RGB
+for denoising, BT.601 Y for DeJPEG and SR), per image, then averaged over the set. For
+dedicated networks it adds the envelope column ``ENVELOPE``: each level scored by the network
+trained at it. :func:`write_outputs` writes ``levels.md/.csv``, ``levels_ssim.csv``,
+``levels.json`` and ``levels_psnr.png`` (``cirlab-hyperres-eval`` is the command).
 """
 
 from __future__ import annotations
