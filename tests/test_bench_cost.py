@@ -6,20 +6,20 @@ import json
 
 import pytest
 import torch
-from tasnet_testing import NB, NF, search_state
 
-from cirlab.cli.bench import main as bench_main
+from cirlab.archs.cresmd import CResMDNet
+from cirlab.archs.flops import cresmd_flops
+from cirlab.archs.tasnet import TASNet
 from cirlab.bench.cost import (
     bench_cost,
     build_models,
     markdown_table,
     plot_flops_per_task,
 )
-from cirlab.tasks import level_grid
+from cirlab.cli.bench import main as bench_main
 from cirlab.derivation import derive
-from cirlab.archs.cresmd import CResMDNet
-from cirlab.archs.flops import cresmd_flops
-from cirlab.archs.tasnet import TASNet
+from cirlab.tasks import level_grid
+from tasnet_testing import NB, NF, search_state
 
 RES = [(32, 48), (16, 24)]
 
@@ -97,7 +97,7 @@ def test_synthetic_tasnet_has_the_intended_widths_and_paper_scale_savings():
     saved = 1 - net.flops(tasks, 180, 320) / cresmd_flops(64, 32, 180, 320, tasks=27)
     assert 0.95 < saved < 0.96  # the paper: 95.7%
     # same channels for tasks of equal mean level: fewer groups than tasks
-    assert len(net._groups(tasks, masked=False)) < 27
+    assert len(net.runtime.groups(tasks)) < 27
 
 
 def test_cli_synthetic_interleaved_speedups(tmp_path):

@@ -17,7 +17,7 @@ from cirlab.archs.flops import (
     searchable_maps,
     workload_flops,
 )
-from cirlab.archs.sliced import dense_masked_forward, run_masked
+from reference_executors import dense_masked_forward, run_masked
 
 NF, NB = 8, 2  # tiny network: N = 7 searchable maps
 

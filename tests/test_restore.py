@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from cirlab.derivation import derive
 from cirlab.archs.cresmd import CResMDNet
-from cirlab.archs.tasnet import TASNet, receptive_radius
-from cirlab.figures import contact_sheet
+from cirlab.archs.tasnet import TASNet
+from cirlab.archs.tasnet_spec import receptive_radius
 from cirlab.checkpoints import load_network
 from cirlab.cli.restore import main
+from cirlab.derivation import derive
+from cirlab.figures import contact_sheet
 from cirlab.inference import restore, restore_flops
 from cirlab.tasks import parse_tasks
 from tasnet_testing import NB, NF, search_state
@@ -38,30 +39,35 @@ def test_prefix_runs_once_for_m_tasks_and_restore_equals_per_task_calls(shared):
     with torch.no_grad():
         out = net.restore(image, TASKS)
     hook.remove()
-    assert calls == [1] and net.prefix_calls == 1
+    assert calls == [1] and net.runtime.prefix_calls == 1
     assert out.shape == (len(TASKS), 3, 21, 30)
     with torch.no_grad():
         single = torch.cat([net(image[None], task[None]) for task in TASKS])
     assert torch.allclose(out, single, atol=1e-5, rtol=0)
-    assert net.prefix_calls == 1 + len(TASKS)
+    assert net.runtime.prefix_calls == 1 + len(TASKS)
     # the prefix's features do not depend on the task vectors
     with torch.no_grad():
         padded = torch.nn.functional.pad(image[None], (0, 0, 0, 1), mode="replicate")
-        first, second = net.run_prefix(padded), net.run_prefix(padded)
+        first, second = net.runtime.run_prefix(padded), net.runtime.run_prefix(padded)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_tasks_with_equal_channels_run_as_one_batch():
     net = tasnet(2, seed=4)
     tasks = torch.cat([TASKS, TASKS[:3]])  # repeated tasks: same channels
-    groups = net._groups(tasks, masked=False)
+    groups = net.runtime.groups(tasks)
     assert len(groups) <= len(TASKS)
     sizes = sorted(len(rows) if rows is not None else len(tasks) for rows, _ in groups)
     assert sum(sizes) == len(tasks) and max(sizes) >= 2
     image = torch.rand(3, 16, 16)
     calls = []
-    original = net.run_specific
-    net.run_specific = lambda prefix, padded, cond, sels: calls.append(cond.shape[0]) or original(prefix, padded, cond, sels)
+    original = net.runtime.run_specific
+
+    def counted(prefix, padded, cond, sels):
+        calls.append(cond.shape[0])
+        return original(prefix, padded, cond, sels)
+
+    net.runtime.run_specific = counted
     with torch.no_grad():
         out = net.restore(image, tasks)
         batched = list(calls)

@@ -10,10 +10,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tasnet_testing import search_state
 
-from cirlab.derivation import derive
 from cirlab.archs.tasnet import TASNet
+from cirlab.archs.tasnet_runtime import pixel_shuffle_grouped
+from cirlab.archs.tasnet_spec import make_architecture
+from cirlab.derivation import derive
+from tasnet_testing import search_state
 
 TASKS = torch.tensor([[0.0, 0.0, 0.0], [0.25, 0.3, 0.0], [1.0, 1.0, 0.0], [0.0, 0.3, 1.0], [1.0, 0.0, 0.24]])
 
@@ -48,17 +50,17 @@ def test_cache_only_in_eval_without_autograd():
     net = tasnet(2, seed=1)
     image = torch.rand(3, 16, 20)
     reference(net, image, TASKS)
-    assert not net._slice_cache
+    assert not net.runtime.cache
     net.train()
     with torch.no_grad():
         net.execution = "sliced"
         net(image[None].expand(len(TASKS), -1, -1, -1), TASKS)
-    assert not net._slice_cache
+    assert not net.runtime.cache
     net.eval()
     with torch.no_grad():
         net.restore(image, TASKS)
-    assert any(key[0] == "groups" for key in net._slice_cache)
-    assert any(isinstance(key[0], int) for key in net._slice_cache)  # sliced conv weights
+    assert any(key[0] == "groups" for key in net.runtime.cache)
+    assert any(isinstance(key[0], int) for key in net.runtime.cache)  # sliced conv weights
 
 
 def test_cache_follows_load_state_dict():
@@ -109,33 +111,33 @@ def test_in_place_weight_edits_and_moves():
         specific.weight.data.mul_(0.5)  # behind autograd's back: needs clear_cache()
         net.clear_cache()
         assert torch.allclose(net.restore(image, TASKS), reference(net, image, TASKS), atol=1e-5, rtol=0)
-        assert net._slice_cache
+        assert net.runtime.cache
         net.to("cpu")  # .to / .cuda / .half make new parameter tensors: the cache goes
-        assert not net._slice_cache
+        assert not net.runtime.cache
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_grouped_pixel_shuffle(layout):
     x = torch.rand(2, 4 * 5, 6, 7)
     grouped = x.view(2, 5, 4, 6, 7).transpose(1, 2).reshape(2, 20, 6, 7)  # channel (ij, c) <- (c, ij)
-    out = TASNet._shuffle_grouped(grouped.contiguous(memory_format=layout))
+    out = pixel_shuffle_grouped(grouped.contiguous(memory_format=layout))
     assert torch.equal(out, F.pixel_shuffle(x, 2))
 
 
 def test_cache_is_bounded(monkeypatch):
-    import cirlab.archs.tasnet as tasnet_module
+    import cirlab.archs.tasnet_runtime as runtime_module
 
     net = tasnet(2, seed=6)
     image = torch.rand(3, 12, 12)
     with torch.no_grad():
         net.restore(image, TASKS)
-    full = net._slice_bytes
+    full = net.runtime.cache_bytes
     assert full > 0
-    monkeypatch.setattr(tasnet_module, "SLICE_CACHE_BYTES", full // 2)
+    monkeypatch.setattr(runtime_module, "SLICE_CACHE_BYTES", full // 2)
     net.clear_cache()
     with torch.no_grad():
         out = net.restore(image, TASKS)
-    assert net._slice_bytes <= full // 2
+    assert net.runtime.cache_bytes <= full // 2
     assert torch.allclose(out, reference(net, image, TASKS), atol=1e-5, rtol=0)
 
 
@@ -168,8 +170,6 @@ class _ConvLayouts(torch.overrides.TorchFunctionMode):
 def test_thin_maps_keep_a_channels_last_pass_channels_last(grad):
     """A task-specific map of zero or one channel is channels_last and plain-contiguous at once;
     the pass must not fall back to NCHW after it (that made thin derived networks ~1.6x slower)."""
-    from cirlab.archs.tasnet import make_architecture
-
     nf, nb = 8, 3
     channels = [list(range(nf))] * (2 * nb + 3)
     channels[3] = [5]  # recon_trunk.1.inner: one channel

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from cirlab.archs.tasnet import FORMAT, TASNet, make_architecture
+from cirlab.archs.tasnet import TASNet
+from cirlab.archs.tasnet_spec import FORMAT, make_architecture
 
 log = logging.getLogger(__name__)
 

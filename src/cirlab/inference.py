@@ -1,42 +1,20 @@
 """Restore one image under many task vectors (TASNet Fig. 2b), in tiles and mixed precision if
-asked, and the ``cirlab-restore`` command.
+asked. ``restore(net, image (3, H, W) or (1, 3, H, W) in [0, 1], tasks (M, cond_dim))`` returns
+(M, 3, H, W) float32, not clamped, on the image's device; ``net`` is a TASNet, a CResMDNet or a
+checkpoint :func:`cirlab.checkpoints.load_network` reads. The command line is ``cirlab-restore``.
 
-    from cirlab.checkpoints import load_network
-    from cirlab.inference import restore
-    net = load_network("derived/tasnet.ckpt")            # or a cirlab CResMD / fine-tune checkpoint
-    outputs = restore(net, image, tasks)                   # image (3, H, W) or (1, 3, H, W) in [0, 1],
-                                                           # tasks (M, 3) -> (M, 3, H, W), not clamped
-    outputs = restore(net, image, tasks, tile=512, autocast="bf16")
-
-    cirlab-restore --ckpt derived/tasnet.ckpt --image in.png --tasks "0,0.3,0;1,1,0" --out restored/
-    cirlab-restore --ckpt derived/tasnet.ckpt --image in.png --grid cresmd27 --out restored/ --tile 512
-
-Networks. A :class:`~cirlab.archs.tasnet.TASNet` runs its shared prefix once per image (per
-tile when tiled) and its task-specific part per group of tasks with identical channels, batched
-(:meth:`TASNet.restore`). A :class:`~cirlab.archs.cresmd.CResMDNet` has nothing shared: it runs
-whole once per task, batched ``max_batch`` tasks at a time (the baseline of the cost benchmark).
-
-Tiles. ``tile`` is the side of the output block each pass writes; each pass reads that block
-plus ``overlap`` pixels on every side that is not the image border and keeps only the block.
-Every output pixel of these networks depends on input pixels at most
-``receptive_radius = 4 nb + 6`` away (134 for nb = 32; :func:`cirlab.archs.tasnet.receptive_radius`),
-so with the default ``overlap`` (that radius, rounded up to even) the tiled output equals the
-untiled one up to float rounding: zero padding at a tile's cut edge never reaches a kept pixel.
-Tile origins and sizes are even, so the stride-2 ``conv_first`` sees the same pixel grid as
-the untiled pass (odd images are padded, replicate, to even size first, as the networks do).
-A smaller overlap trades exactness near tile seams for less recomputation.
-
-Mixed precision. ``autocast="bf16"`` or ``"fp16"`` runs under ``torch.autocast`` on the
-network's device (fp16 is meant for CUDA; bf16 also works on CPU). Channel decisions are always
-taken in float32; outputs are returned as float32.
-
-Speed on CPU. The sliced layers have few channels; oneDNN runs such convolutions about twice as
-fast in NHWC as in NCHW, so ``restore`` uses ``channels_last`` on CPU by default (for CResMD too,
-which gains as well). Images given as views of HWC arrays and CResMD's per-task batches get
-channels_last strides that oneDNN recognises (otherwise it runs the whole network in NCHW).
-Denormal floats slow x86 convolutions down by an order of magnitude; untrained or heavily
-pruned networks produce them, so timings (and ``cirlab-restore``) should run with
-``torch.set_flush_denormal(True)``.
+* A TASNet runs its shared prefix once per image (per tile) and its task-specific part per group
+  of tasks with identical channels (:meth:`TASNet.restore`); a CResMD runs whole once per task,
+  ``max_batch`` tasks per pass.
+* Tiles: each pass writes a ``tile`` x ``tile`` block and reads ``overlap`` more pixels on every
+  side inside the image. The default overlap, the receptive radius ``4 nb + 6`` rounded up to
+  even (:func:`cirlab.archs.tasnet_spec.receptive_radius`), makes the tiled output equal the
+  untiled one up to float rounding; tile origins and sizes are even, so the stride-2 first conv
+  sees the untiled pixel grid.
+* ``autocast="bf16"`` / ``"fp16"`` runs under ``torch.autocast`` (channel decisions stay float32).
+* ``channels_last`` is the default on CPU (oneDNN runs the thin sliced convs about twice as fast
+  in NHWC). Timings should run with ``torch.set_flush_denormal(True)``: denormals from untrained
+  or heavily pruned networks slow x86 convolutions by an order of magnitude.
 """
 
 from __future__ import annotations
@@ -47,7 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cirlab.archs.tasnet import TASNet, _pad_even, receptive_radius
+from cirlab.archs.common import pad_to_even
+from cirlab.archs.tasnet import TASNet
+from cirlab.archs.tasnet_spec import receptive_radius
 from cirlab.checkpoints import load_network
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -138,7 +118,7 @@ def restore(net: nn.Module | str | Path, image: Tensor, tasks: Tensor, *, tile: 
         if overlap < 0:
             raise ValueError(f"overlap={overlap} must be >= 0")
         overlap = overlap + overlap % 2
-        padded = _pad_even(image)
+        padded = pad_to_even(image)
         out = torch.empty(tasks.shape[0], image.shape[1], *padded.shape[-2:], device=image.device)
         for r0, r1, k0, k1 in _spans(padded.shape[-2], tile, overlap):
             for c0, c1, j0, j1 in _spans(padded.shape[-1], tile, overlap):

@@ -1,6 +1,6 @@
 """CResMD: the controllable residual network of He et al. (ECCV 2020), 3-D task vector version.
 
-This is the supernetwork of the TASNet search (METHOD.md section 2). Parameter names follow
+This is the supernetwork of the TASNet search (docs/method.md section 2). Parameter names follow
 the reference implementation (``conv_first``, ``recon_trunk.{i}.conv1/conv2/local_scale``,
 ``upconv``, ``HRconv``, ``conv_last``, ``global_scale``) so its released state_dict loads with
 ``strict=True``. The reference configuration (nf=64, nb=32, cond_dim=3) has 2,559,759
@@ -23,16 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def init_scaled_kaiming(modules: list[nn.Module], scale: float = 0.1) -> None:
-    """The reference initialisation: Kaiming normal (fan_in, a=0) times ``scale``, zero bias."""
-    for module in modules:
-        for m in module.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
-                m.weight.data.mul_(scale)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+from cirlab.archs.common import init_scaled_kaiming, pad_to_even
 
 
 class ControllableResidualBlock(nn.Module):
@@ -89,7 +80,7 @@ class CResMDNet(nn.Module):
         if cond.ndim != 2 or cond.shape != (x.shape[0], self.cond_dim):
             raise ValueError(f"expected task vectors of shape ({x.shape[0]}, {self.cond_dim}), got {tuple(cond.shape)}")
         height, width = x.shape[-2:]
-        padded = F.pad(x, (0, width % 2, 0, height % 2), mode="replicate") if (height % 2 or width % 2) else x
+        padded = pad_to_even(x)
         feature = self.conv_first(padded)
         for block in self.recon_trunk:
             feature = block(feature, cond)

@@ -62,19 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cirlab.archs.cresmd import init_scaled_kaiming
+from cirlab.archs.common import init_scaled_kaiming, pad_to_even
 
 __all__ = ["HyperResNet", "MainNet", "MetaConv", "as_level_matrix", "reference_state_dict_to_cirlab"]
 
 MIXED_MODES = ("grouped", "affine")
 K_MODES = ("loop", "grouped")
-
-
-def _pad_even(x: Tensor) -> Tensor:
-    height, width = x.shape[-2:]
-    if height % 2 or width % 2:
-        return F.pad(x, (0, width % 2, 0, height % 2), mode="replicate")
-    return x
 
 
 def _check_sizes(in_nc: int, out_nc: int, nf: int, nb: int, cond_dim: int = 1) -> None:
@@ -223,7 +216,7 @@ class MainNet(_MainBody):
         """``x`` (B, in_nc, H, W) -> (B, out_nc, H, W), not clamped."""
         self._check_input(x)
         height, width = x.shape[-2:]
-        head = self.conv1(_pad_even(x))
+        head = self.conv1(pad_to_even(x))
         feature = head
         for block in self.blocks:
             feature = block(feature)
@@ -310,7 +303,7 @@ class HyperResNet(_MainBody):
         self._check_input(x)
         height, width = x.shape[-2:]
         c = as_level_matrix(level, x.shape[0], self.cond_dim, self.conv1.weight)
-        head = self.conv1(_pad_even(x))
+        head = self.conv1(pad_to_even(x))
         if bool((c == c[:1]).all()):
             feature = self._trunk_shared(head, [meta.generate(c[0]) for meta in self.meta_convs()])
         else:
@@ -327,7 +320,7 @@ class HyperResNet(_MainBody):
         height, width = inputs.shape[-2:]
         flat = inputs.flatten(0, 1)
         self._check_input(flat)
-        head = self.conv1(_pad_even(flat))
+        head = self.conv1(pad_to_even(flat))
         if self.k_mode == "grouped":
             feature = self._trunk_mixed_k(head, c, k, batch)
         else:

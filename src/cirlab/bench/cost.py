@@ -1,28 +1,20 @@
 """Cost of restoring one image under the 27-point workload (TASNet Table 1 and Figure 11).
 
-For each network and image size: analytic convolution FLOPs (the networks' own ``flops`` /
-``cost`` methods, convention of :mod:`cirlab.archs.flops`) and measured latency, split into the
-*first pass* (shared prefix + the first task) and the *later passes* (each further task, reusing
-the prefix). Every task runs as its own pass (one task vector per pass, no batching across
-tasks), so first and later passes are timed separately; the workload latency is the first pass
-plus all later passes. CResMD shares nothing: each of its passes is a whole inference.
+Per network and image size: analytic convolution FLOPs (the networks' ``flops`` / ``cost``,
+convention of :mod:`cirlab.archs.flops`) and measured latency in seconds, split into the *first
+pass* (shared prefix + first task) and the *later passes* (one further task each, prefix reused);
+one task vector per pass, the workload latency is their sum. CResMD shares nothing: each pass is
+a whole inference.
 
-Timings: ``warmup`` untimed runs of the whole workload per model, then ``repeats`` timed
-rounds; each round runs every model's workload once, one after the other (interleaved), so a
-speed-up is taken per round (reference round time / model round time) and reported as the
-median over rounds with its min and max: load from other processes hits both sides of a ratio
-alike. Latencies are medians over the rounds with their min and max. CPU runs use
-``channels_last`` (as :func:`cirlab.inference.restore` does) and ``torch.set_flush_denormal(True)``.
-``efficiency_vs_reference`` is the speed-up divided by the FLOPs ratio: how much of the FLOPs
-saved turns into time saved (1 = all of it).
+Timing: ``warmup`` untimed workloads per model, then ``repeats`` rounds, each running every
+model's workload once (interleaved); speed-ups are per round (reference time / model time),
+reported as median, min and max, so load from other processes hits both sides of a ratio alike.
+``efficiency_vs_reference`` = speed-up / FLOPs ratio (1: all FLOPs saved become time saved). CPU
+runs use ``channels_last`` and ``torch.set_flush_denormal(True)``.
 
-Synthetic paper-scale TASNet (``--synthetic``): :func:`synthetic_tasnet` builds a derived
-TASNet of the paper's size (nf 64, nb 32) whose widths are shaped like the paper's (62% of the
-layers shared as in TASNet Table 4, thinner task-specific layers that widen with the
-restoration level as in its Figure 11, about 95.5% fewer FLOPs than CResMD on the 27-point
-workload) with *random weights*: its outputs mean nothing, its latency is what a trained
-network of those widths costs (latency depends on the widths, not on the weights). It is
-labelled ``TASNet-synthetic`` in every output.
+``--synthetic``: :func:`synthetic_tasnet`, a paper-size TASNet (nf 64, nb 32) with paper-like
+widths and *random weights*, labelled ``TASNet-synthetic``: its latency is meaningful, its
+outputs are not.
 """
 
 from __future__ import annotations
@@ -37,9 +29,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cirlab.archs.common import pad_to_even
 from cirlab.archs.cresmd import CResMDNet
 from cirlab.archs.flops import cresmd_flops
-from cirlab.archs.tasnet import TASNet, _pad_even
+from cirlab.archs.tasnet import TASNet
+from cirlab.archs.tasnet_spec import make_architecture
 
 CPU_RESOLUTIONS = [(180, 320), (360, 640)]
 PAPER_RESOLUTIONS = [(720, 1280), (1080, 1920), (2160, 3840)]  # HD, 2K, 4K
@@ -74,8 +68,6 @@ def synthetic_tasnet(nf: int = 64, nb: int = 32, shared_fraction: float = 0.62,
     channel sets. Weights: :class:`TASNet`'s random initialisation. ``widths`` default:
     :data:`SYNTHETIC_WIDTHS` (for nf = 64; scaled by nf / 64 otherwise).
     """
-    from cirlab.archs.tasnet import make_architecture
-
     if widths is None:  # the defaults are for nf = 64: scale them
         def scaled(value: int) -> int:
             return max(1, min(nf, round(value * nf / 64)))
@@ -139,12 +131,13 @@ def _passes(net: nn.Module, image: Tensor, tasks: Tensor) -> tuple[float, list[f
         if isinstance(net, TASNet):
             sync()
             start = time.perf_counter()
-            padded = _pad_even(image)
-            prefix = net.run_prefix(padded)
+            runtime = net.runtime
+            padded = pad_to_even(image)
+            prefix = runtime.run_prefix(padded)
             for m in range(tasks.shape[0]):
                 task = tasks[m : m + 1]
-                sels = net._groups(task, masked=False)[0][1]
-                net.run_specific(prefix, padded, task, sels)
+                sels = runtime.groups(task)[0][1]
+                runtime.run_specific(prefix, padded, task, sels)
                 sync()
                 now = time.perf_counter()
                 times.append(now - start)

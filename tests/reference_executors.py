@@ -1,30 +1,17 @@
-"""Reference executors of a pruned, partly shared CResMD (TASNet derivation, METHOD.md section 3).
+"""Test oracles: two reference executors of a pruned, partly shared CResMD (docs/method.md
+section 3) for a :class:`~cirlab.archs.flops.MaskState`, with the same semantics.
 
-Two functions with the same semantics for a :class:`~cirlab.archs.flops.MaskState`:
-
-* :func:`dense_masked_forward` runs the full CResMDNet on M copies of the image and multiplies
-  every searchable feature map by its mask (per task). Soft masks are allowed and gradients
-  flow to them and to the network: the search-time forward, and the reference of the tests.
-* :func:`run_masked` executes the pruned network for real, with sliced weights: every conv
-  computes only its active output channels from its active input channels
-  (``index_select`` on the weight's rows and columns, then ``F.conv2d``); the shared prefix
-  runs once per image, every task-specific map once per task (reading the shared map at the
-  boundary), ``conv_last`` once if the whole network is shared, else once per task. Under
-  ``torch.utils.flop_counter.FlopCounterMode`` its convolution FLOPs equal
+* :func:`dense_masked_forward`: the full CResMDNet on M copies of the image, every searchable
+  map multiplied by its (binary or soft) mask per task; differentiable.
+* :func:`run_masked`: the pruned network executed with sliced weights (only active channels;
+  shared prefix once per image, task-specific maps once per task, ``conv_last`` once if
+  everything is shared). Its convolution FLOPs under ``FlopCounterMode`` equal
   :func:`~cirlab.archs.flops.masked_flops` exactly. Binary masks only.
 
-Modulation inside the shared prefix. A shared map must not depend on the task vector, so the
-``local_scale`` of a block whose output map (n = 3 + 2i) is shared is evaluated at a fixed
-``prefix_task`` (cond_dim,) given by the caller (the search module decides which vector, e.g.
-a constant); blocks whose output map is task-specific use each task's own vector. (A block's
-modulation multiplies conv2's output, i.e. it belongs to the block's output map.)
-``global_scale`` always uses each task's own vector: it acts after ``conv_last``, outside the
-searchable maps, so even a fully shared network gives task-dependent outputs
-``x + y * global_scale(t_m)``.
-
-Masks and ReLU commute for masks >= 0, so where a ReLU follows a map (block inner map, the
-shuffled upconv output, HRconv's output) it does not matter whether the mask is applied
-before or after it.
+Both take x (1, 3, H, W) (``dense_masked_forward`` also (M, 3, H, W)) and tasks (M, cond_dim)
+and return (M, 3, H, W), not clamped. A block's ``local_scale`` belongs to its output map: where
+that map is shared it is evaluated at the caller's fixed ``prefix_task`` (cond_dim,), else at
+each task's vector; ``global_scale`` always uses each task's vector.
 """
 
 from __future__ import annotations
@@ -33,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cirlab.archs.common import pad_to_even
 from cirlab.archs.cresmd import CResMDNet
 from cirlab.archs.flops import MaskState, searchable_maps
 
@@ -55,13 +43,6 @@ def _check(net: CResMDNet, x: Tensor, tasks: Tensor, state: MaskState, prefix_ta
             raise ValueError(f"prefix_task must have shape ({net.cond_dim},), got {tuple(prefix_task.shape)}")
         return prefix_task.reshape(1, -1).to(tasks)
     return None
-
-
-def _pad_even(x: Tensor) -> Tensor:
-    height, width = x.shape[-2:]
-    if height % 2 or width % 2:
-        return F.pad(x, (0, width % 2, 0, height % 2), mode="replicate")
-    return x
 
 
 def _block_cond(state: MaskState, block: int, tasks: Tensor, prefix: Tensor | None) -> Tensor:
@@ -92,7 +73,7 @@ def dense_masked_forward(
     if x.shape[0] not in (1, count):
         raise ValueError(f"x must hold 1 or M={count} images, got {x.shape[0]}")
     height, width = x.shape[-2:]
-    padded = _pad_even(x).expand(count, -1, -1, -1)
+    padded = pad_to_even(x).expand(count, -1, -1, -1)
 
     def mask(n: int) -> Tensor:
         return state.masks[n - 1].to(padded.dtype)[:, :, None, None]
@@ -160,7 +141,7 @@ def run_masked(
     if not state.is_binary():
         raise ValueError("run_masked needs binary masks (0/1 or bool)")
     height, width = x.shape[-2:]
-    padded = _pad_even(x)
+    padded = pad_to_even(x)
     count, nf, nb = state.num_tasks, net.nf, net.nb
     n_maps = state.num_maps
     phi = state.phi.tolist()
