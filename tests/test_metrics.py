@@ -28,8 +28,7 @@ from torchmetrics.utilities.data import dim_zero_sum
 from cirlab.metrics import (
     BRISQUE,
     NIQE,
-    PSNR,
-    SSIM,
+    PerImageMean,
     install_iqa_weights,
     iqa_cache_dir,
     paper_psnr,
@@ -202,19 +201,24 @@ def test_input_validation(astronaut) -> None:
         paper_ssim(astronaut, astronaut, channel="ycbcr")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="crop_border"):
         paper_psnr(astronaut, astronaut, crop_border=128)
-    with pytest.raises(ValueError, match="convention"):
-        PSNR(convention="matlab")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match='convention="paper"'):
-        SSIM(convention="torchmetrics", channel="y")
-    with pytest.raises(ValueError, match="full-reference"):
-        PSNR().update(astronaut)
     # grey images work in the RGB paths
     assert paper_ssim(grey, grey).item() == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------------
-# per-image averaging and Metric state
+# per-image averaging and Metric state (PerImageMean)
 # ------------------------------------------------------------------------------------------
+class PerImage(PerImageMean):
+    """The mean of one of the per-image functions, as a run would accumulate it."""
+
+    def __init__(self, score) -> None:
+        super().__init__()
+        self.score = score
+
+    def per_image(self, preds: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        return self.score(preds, target)
+
+
 def _mixed_quality_batch(astronaut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Four views of one photo with noise sigma 1, 5, 20, 60 (out of 255), clamped."""
     target = astronaut.expand(4, -1, -1, -1).contiguous()
@@ -228,11 +232,11 @@ def test_metric_is_mean_of_per_image_values(astronaut, convention: str) -> None:
     per_image = psnr_per_image(pred, target) if convention == "torchmetrics" else paper_psnr(pred, target)
     batch_psnr = tm_psnr_batch(pred, target, data_range=1.0)  # one MSE over the whole batch
     assert abs(per_image.mean().item() - batch_psnr.item()) > 5.0  # very different for mixed quality
-    metric = PSNR(convention=convention)
+    metric = PerImage(psnr_per_image if convention == "torchmetrics" else paper_psnr)
     metric.update(pred[:1], target[:1])  # uneven batches: each image still weighs 1/4
     metric.update(pred[1:], target[1:])
     assert metric.compute().item() == pytest.approx(per_image.double().mean().item(), abs=1e-6)
-    ssim_metric = SSIM(convention=convention)
+    ssim_metric = PerImage(ssim_per_image if convention == "torchmetrics" else paper_ssim)
     ssim_metric.update(pred[:3], target[:3])
     ssim_metric.update(pred[3:], target[3:])
     ref = ssim_per_image(pred, target) if convention == "torchmetrics" else paper_ssim(pred, target)
@@ -245,10 +249,10 @@ def test_metric_is_mean_of_per_image_values(astronaut, convention: str) -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: PSNR(),
-        lambda: PSNR(convention="paper", channel="y", crop_border=2),
-        lambda: SSIM(),
-        lambda: SSIM(convention="paper"),
+        lambda: PerImage(psnr_per_image),
+        lambda: PerImage(lambda p, t: paper_psnr(p, t, channel="y", crop_border=2)),
+        lambda: PerImage(ssim_per_image),
+        lambda: PerImage(paper_ssim),
     ],
 )
 def test_metric_states_merge_like_ddp(astronaut, make) -> None:
@@ -310,7 +314,7 @@ def test_no_reference_metrics_on_cbsd68(iqa_installed, cbsd68_dir: Path, cls, cl
         metric.update(c)
     other = cls()
     for n in noisy:
-        other.update(n, n)  # a target is accepted and ignored (MetricCollection with PSNR/SSIM)
+        other.update(n, n)  # a target is accepted and ignored (MetricCollection with full-reference metrics)
     assert metric.compute().item() == pytest.approx(clean_scores.double().mean().item(), rel=1e-6)
     metric.merge_state(other)
     both = torch.cat([clean_scores, noisy_scores]).double().mean()

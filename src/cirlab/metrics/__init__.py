@@ -7,9 +7,8 @@ images, never a PSNR of the concatenated batch):
   (raw float, ``data_range=1.0``);
 * "paper" convention (tables, BasicSR-like): :func:`paper_psnr`, :func:`paper_ssim` (clamp,
   uint8 rounding half-to-even, optional BT.601 Y as MATLAB ``rgb2ycbcr``, optional border crop,
-  0..255 scale; SSIM Gaussian 11/1.5 valid windows, mean over channels);
-* DDP-safe ``torchmetrics.Metric`` means: :class:`PSNR`, :class:`SSIM`
-  (``convention="torchmetrics" | "paper"``, ``channel="rgb" | "y"``, ``crop_border``).
+  0..255 scale; SSIM Gaussian 11/1.5 valid windows, mean over channels). Set means over a run:
+  :class:`~cirlab.metrics.grouped.GroupedMean` (per grid point) or a :class:`PerImageMean`.
 
 No reference (pyiqa, lower is better, network created lazily and kept out of ``state_dict``):
 :class:`NIQE`, :class:`BRISQUE`; offline parameter files via :func:`install_iqa_weights`.
@@ -22,8 +21,6 @@ import pyiqa.
 from cirlab.metrics.base import PerImageMean
 from cirlab.metrics.conventions import quantize_uint8, rgb_to_y_bt601
 from cirlab.metrics.fidelity import (
-    PSNR,
-    SSIM,
     paper_psnr,
     paper_ssim,
     psnr_per_image,
@@ -42,8 +39,6 @@ __all__ = [
     "BRISQUE",
     "IQA_WEIGHT_FILES",
     "NIQE",
-    "PSNR",
-    "SSIM",
     "PerImageMean",
     "install_iqa_weights",
     "iqa_cache_dir",

@@ -33,7 +33,7 @@ valid-window convention below).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,11 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from cirlab.metrics.base import PerImageMean
 from cirlab.metrics.conventions import check_pair, quantize_uint8, rgb_to_y_bt601
 
-__all__ = ["PSNR", "SSIM", "paper_psnr", "paper_ssim", "psnr_per_image", "ssim_per_image"]
+__all__ = ["paper_psnr", "paper_ssim", "psnr_per_image", "ssim_per_image"]
 
 Channel = Literal["rgb", "y"]
-Convention = Literal["torchmetrics", "paper"]
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -185,88 +183,3 @@ def paper_ssim(pred: Tensor, target: Tensor, channel: Channel = "rgb", crop_bord
     ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
     # mean over each channel's map, then over channels (equal sizes, so a flat mean is the same)
     return ssim_map.flatten(2).mean(dim=2).mean(dim=1)
-
-
-# --------------------------------------------------------------------------------------------
-# torchmetrics Metric classes
-# --------------------------------------------------------------------------------------------
-class _FidelityMetric(PerImageMean):
-    _name = ""
-
-    def __init__(
-        self,
-        convention: Convention = "torchmetrics",
-        channel: Channel = "rgb",
-        crop_border: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if convention not in ("torchmetrics", "paper"):
-            raise ValueError(f'convention must be "torchmetrics" or "paper", got {convention!r}')
-        if channel not in ("rgb", "y"):
-            raise ValueError(f'channel must be "rgb" or "y", got {channel!r}')
-        if not isinstance(crop_border, int) or crop_border < 0:
-            raise ValueError(f"crop_border must be a non-negative int, got {crop_border!r}")
-        if convention == "torchmetrics" and (channel != "rgb" or crop_border != 0):
-            raise ValueError(
-                f'{self._name}(convention="torchmetrics") measures the raw float image; '
-                'channel="y" and crop_border need convention="paper"'
-            )
-        self.convention = convention
-        self.channel = channel
-        self.crop_border = crop_border
-
-    def update(self, preds: Tensor, target: Tensor | None = None) -> None:  # type: ignore[override]
-        if target is None:
-            raise ValueError(f"{self._name} is a full-reference metric: update(preds, target)")
-        super().update(preds, target)
-
-    def extra_repr(self) -> str:
-        return f"convention={self.convention!r}, channel={self.channel!r}, crop_border={self.crop_border}"
-
-
-class PSNR(_FidelityMetric):
-    """Mean over images of per-image PSNR (dB); DDP-safe (sum + count states).
-
-    Args:
-        convention: ``"torchmetrics"`` (raw float, :func:`psnr_per_image`) or ``"paper"``
-            (uint8, optional Y and crop, :func:`paper_psnr`).
-        channel: ``"rgb"`` or ``"y"`` (paper convention only).
-        crop_border: pixels cropped from each edge (paper convention only).
-        **kwargs: passed to :class:`torchmetrics.Metric`.
-
-    ``update(preds, target)`` with ``(B, C, H, W)`` float in ``[0, 1]``.
-    """
-
-    _name = "PSNR"
-    higher_is_better = True
-
-    def per_image(self, preds: Tensor, target: Tensor | None) -> Tensor:
-        assert target is not None
-        if self.convention == "paper":
-            return paper_psnr(preds, target, self.channel, self.crop_border)
-        return psnr_per_image(preds, target)
-
-
-class SSIM(_FidelityMetric):
-    """Mean over images of per-image SSIM; DDP-safe (sum + count states).
-
-    Args:
-        convention: ``"torchmetrics"`` (:func:`ssim_per_image`) or ``"paper"`` (:func:`paper_ssim`).
-        channel: ``"rgb"`` or ``"y"`` (paper convention only).
-        crop_border: pixels cropped from each edge (paper convention only).
-        **kwargs: passed to :class:`torchmetrics.Metric`.
-
-    ``update(preds, target)`` with ``(B, C, H, W)`` float in ``[0, 1]``.
-    """
-
-    _name = "SSIM"
-    higher_is_better = True
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
-
-    def per_image(self, preds: Tensor, target: Tensor | None) -> Tensor:
-        assert target is not None
-        if self.convention == "paper":
-            return paper_ssim(preds, target, self.channel, self.crop_border)
-        return ssim_per_image(preds, target)

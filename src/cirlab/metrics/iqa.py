@@ -200,7 +200,7 @@ class NIQE(_PyiqaNoReference):
 
     ``update(preds[, target])``: ``(B, 3, H, W)`` RGB float in [0, 1], H and W >= 96 (scored on
     the largest multiple of 96 in each direction, on 0.299 R + 0.587 G + 0.114 B luma);
-    ``target`` is accepted and ignored so it can sit in a ``MetricCollection`` with PSNR/SSIM.
+    ``target`` is accepted and ignored so it can sit in a ``MetricCollection`` with full-reference metrics.
     """
 
     _pyiqa_name = "niqe"
