@@ -1,4 +1,4 @@
-"""The DataModule: keyed crops, per-rank streams, pairs on the batch's device, cached eval sets."""
+"""The DataModule and its loading: keyed crops, per-rank streams, pairs on the batch's device, cached eval sets."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cirlab.data.datamodule import CropDataset, RestorationDataModule, ShardSampler, SteppedBatchSampler
+from cirlab.data.datamodule import RestorationDataModule
 from cirlab.data.evalsets import EvalSetSpec, build_eval_set
+from cirlab.data.loading import SEED_STRIDE, CropDataset, ShardSampler, SteppedBatchSampler, mix_seed
+from cirlab.data.sampling import DegradationConfig, SamplingConfig
 from cirlab.tasks import grid_labels, level_grid
 
 
@@ -56,6 +58,11 @@ def test_shards_cover_every_image_once():
     assert sorted(sum(shards, [])) == list(range(7))
 
 
+def test_seed_mixing():
+    assert SEED_STRIDE == 1_000_003
+    assert mix_seed(2, torch.tensor(5)) == 2 * 1_000_003 + 5
+
+
 def test_training_batches_become_deterministic_pairs(tmp_path):
     folder = write_images(tmp_path / "train", [(80, 96), (70, 70)])
     datamodule = RestorationDataModule(train_dir=str(folder), val_dir=None, patch_size=32, batch_size=6,
@@ -82,6 +89,23 @@ def test_bad_datamodule_settings_name_their_key():
         RestorationDataModule(train_dir=None, val_dir=None, sampling={"p_binary": 2.0})
     with pytest.raises(ValueError, match="sampling"):
         RestorationDataModule(train_dir=None, val_dir=None, sampling={"p_binnary": 0.5})
+    with pytest.raises(ValueError, match="degradation must be a DegradationConfig"):
+        RestorationDataModule(train_dir=None, val_dir=None, degradation=["noise"])
+
+
+def test_typed_settings_from_mappings_instances_and_the_hydra_config(train_cfg):
+    from hydra.utils import instantiate
+
+    noise = DegradationConfig(types=["noise"])
+    datamodule = RestorationDataModule(train_dir=None, val_dir=None, degradation=noise, sampling={"p_binary": 0.0})
+    assert datamodule.degradation is noise and datamodule.sampling == SamplingConfig(p_binary=0.0)
+    assert RestorationDataModule(train_dir=None, val_dir=None).sampling == SamplingConfig()
+    # the data config converts the typed groups to their dataclasses (_convert_: object)
+    cfg = train_cfg("degradation=noise_only", "sampling=absolute", "data.train_dir=null", "data.val_dir=null",
+                    "data.test_dir=null", "data.embedded_root=null")
+    datamodule = instantiate(cfg.data)
+    assert datamodule.degradation == DegradationConfig(types=["noise"])
+    assert type(datamodule.sampling) is SamplingConfig and datamodule.sampling.ground_truth == "absolute"
 
 
 def test_eval_set_is_deterministic_cached_and_even_sized(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cirlab.data.images import ImageFolderError
+from cirlab.data.image_files import ImageFolderError
 from cirlab.evaluation.grid import evaluate
 from cirlab.training import train
 from conftest import TINY

@@ -29,10 +29,11 @@ class LevelPicture(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from cirlab.data.hyperres import _center_crop, degrade_image_levels
+        from cirlab.data.hyperres import degrade_image_levels
+        from cirlab.data.image_files import center_crop
 
         levels = self.levels or datamodule.val_levels
-        clean = _center_crop(clean[0], self.crop).contiguous()
+        clean = center_crop(clean[0], self.crop).contiguous()
         degraded = degrade_image_levels(clean, datamodule.task, levels, self.seed, 0).to(pl_module.device)
         c = torch.tensor(levels, device=pl_module.device) / datamodule.level_scale
         was_training = pl_module.training

@@ -30,13 +30,15 @@ def task_grid(levels_in: torch.Tensor, fractions: list[float]) -> tuple[torch.Te
 class TaskGridPicture(L.Callback):
     """After each validation, restore one held-out image at several task vectors and save a grid.
 
-    The first column is the degraded input (physical levels ``input_levels`` = [r, sigma, q],
-    q = 0 for no JPEG), then one column per fraction of the full task vector. Saved as
+    The image is the central ``crop x crop`` window (each side at most ``crop``, rounded down
+    to even; None = the whole image). The first column is the degraded input (physical levels
+    ``input_levels`` = [r, sigma, q], q = 0 for no JPEG), then one column per fraction of the
+    full task vector. Saved as
     ``dirpath/step{N}.png`` and ``dirpath/latest.png``; sent to W&B when a WandbLogger is attached.
     """
 
     def __init__(self, dirpath: str, input_levels=(2.0, 30.0, 30), fractions=(0.0, 0.25, 0.5, 0.75, 1.0),
-                 crop: int = 192, seed: int = 0) -> None:
+                 crop: int | None = 192, seed: int = 0) -> None:
         self.dirpath = Path(dirpath)
         self.input_levels = [float(v) for v in input_levels]
         self.fractions = [float(f) for f in fractions]
@@ -51,12 +53,10 @@ class TaskGridPicture(L.Callback):
         import matplotlib.pyplot as plt
 
         from cirlab.data.degradations import degrade
+        from cirlab.data.image_files import center_crop
         from cirlab.tasks import physical_to_task
 
-        h, w = clean.shape[-2:]
-        size_h, size_w = min(self.crop, h) // 2 * 2, min(self.crop, w) // 2 * 2
-        top, left = (h - size_h) // 2, (w - size_w) // 2
-        clean = clean[..., top : top + size_h, left : left + size_w].to(pl_module.device)
+        clean = center_crop(clean, self.crop).to(pl_module.device)
         levels_in = physical_to_task(torch.tensor([self.input_levels]))[0]
         generator = torch.Generator(device=clean.device).manual_seed(self.seed)
         degraded = degrade(clean, levels_in[None].to(clean.device), generator=generator)

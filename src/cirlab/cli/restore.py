@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thumb", type=int, default=256, help="contact sheet thumbnail size")
     args = parser.parse_args(argv)
 
-    from cirlab.data.images import ImageFolderError, load_image
+    from cirlab.data.image_files import ImageFolderError, load_image
 
     try:
         net = load_network(args.ckpt)

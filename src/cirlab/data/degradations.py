@@ -1,6 +1,6 @@
 """Batched synthetic degradations: Gaussian blur -> Gaussian noise (+ uint8 rounding) -> JPEG.
 
-This is CResMD's reference pipeline (METHOD.md section 1, [fact] items), applied to a batch
+This is CResMD's reference pipeline (docs/method.md section 1, [fact] items), applied to a batch
 with one level per sample, on whatever device the batch lives on (CPU or CUDA).
 
 Conventions used throughout the module
@@ -15,7 +15,8 @@ Levels
 Pipeline (:func:`degrade`)
     1. blur ``x <- G_r * x`` (skipped for samples with ``r = 0``);
     2. noise ``x <- x + sigma / 255 * n`` with ``n`` a standard-normal field, then **always**
-       ``x <- clip(round(255 x), 0, 255)`` (uint8), even where ``sigma = 0``;
+       ``x <- clip(round(255 x), 0, 255)`` (uint8, the rounding of
+       :func:`~cirlab.metrics.conventions.quantize_uint8`), even where ``sigma = 0``;
     3. JPEG encode + decode at quality ``q`` with torchvision's real codec (libjpeg on CPU,
        nvjpeg on CUDA), skipped for samples with ``q = NO_JPEG``.
 
@@ -37,6 +38,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from cirlab.metrics.conventions import quantize_uint8
 from cirlab.tasks import (
     BLUR_RADIUS_MAX,
     JPEG_QUALITY_MAX,
@@ -55,7 +57,6 @@ __all__ = [
     "gaussian_blur",
     "gaussian_kernel1d",
     "jpeg_roundtrip",
-    "quantize_uint8",
 ]
 
 #: Side of the square Gaussian blur kernel, in pixels.
@@ -245,7 +246,7 @@ def add_gaussian_noise(
     noise_field: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``images + sigma / 255 * n`` (no clipping, no rounding; see :func:`quantize_uint8`).
+    """``images + sigma / 255 * n`` (no clipping, no rounding; :func:`degrade` quantises).
 
     Args:
         images: ``(B, C, H, W)`` floating tensor in [0, 1].
@@ -268,11 +269,6 @@ def add_gaussian_noise(
     return torch.addcmul(
         images, noise_field.to(device=images.device, dtype=images.dtype), scale
     )
-
-
-def quantize_uint8(images: Tensor) -> Tensor:
-    """Float images in [0, 1] (any values) -> uint8 ``clip(round(255 x), 0, 255)`` (half to even)."""
-    return images.mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +391,7 @@ def degrade(
     x = gaussian_blur(clean, radius, backend=blur_backend)
     if bool((sigma > 0).any()):
         x = add_gaussian_noise(x, sigma, noise_field=noise_field, generator=generator)
-        # x is a fresh tensor here: quantise in place
+        # quantize_uint8 done in place: x is a fresh tensor here, and finite
         x = x.mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
     else:
         x = quantize_uint8(x)

@@ -1,16 +1,20 @@
 """Deterministic validation and test sets, generated once from clean images and cached on disk.
 
 An evaluation set is every clean image of a folder degraded at every point of a level grid
-(default: CResMD's 27-point grid, METHOD.md section 1). The target is the clean image and the
-task vector is the full input level (absolute ground truth), as in the papers' tables.
+(default: CResMD's 27-point grid, docs/method.md section 1). The target is the clean image and
+the task vector is the full input level (absolute ground truth), as in the papers' tables.
+:func:`build_eval_set` returns uint8 images (clean ``(3, H, W)``, inputs ``(G, 3, H, W)``) and
+the ``(G, 3)`` task-space levels; :class:`EvalSetDataset` serves them as float in ``[0, 1]``.
 
-Generation is deterministic: image ``i`` uses a generator seeded with ``(seed, i)``, so two runs
-(or two machines) score the same inputs. The result is cached as one file whose name carries a
-fingerprint of the source files and of every setting, so a second run reuses it and any change
-regenerates it. Files are written atomically: no half-written cache is ever read.
+Generation is deterministic: image ``i`` uses a generator seeded with
+``mix_seed(seed, i)``, so two runs (or two machines) score the same inputs. The result is cached
+as one file whose name carries a fingerprint of the source files and of every setting, so a
+second run reuses it and any change regenerates it. Files are written atomically: no
+half-written cache is ever read.
 
-Images of odd size are cropped (bottom/right) to even size, as the networks need (METHOD.md
-section 6); an optional centre crop keeps validation cheap during training.
+Images of odd size are cropped (bottom/right) to even size, as the networks need
+(docs/method.md section 6); an optional centre crop (``crop``: exactly ``crop x crop`` when the
+image holds it, else the whole image) keeps validation cheap during training.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ import torch
 from torch.utils.data import Dataset
 
 from cirlab.checkpoints import read_torch_file, save_torch_file
+from cirlab.data.image_files import center_crop
+from cirlab.data.loading import mix_seed
+from cirlab.metrics.conventions import quantize_uint8
 from cirlab.tasks import level_grid
 
 FORMAT_VERSION = 1
+
 
 @dataclass
 class EvalSetSpec:
@@ -40,14 +48,6 @@ class EvalSetSpec:
     on_bad: str = "error"
     config_key: str = "data.val_dir"
     extra: dict = field(default_factory=dict)
-
-
-def _center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = image.shape[-2:]
-    if h < size or w < size:
-        return image
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[..., top : top + size, left : left + size]
 
 
 def _fingerprint(spec: EvalSetSpec, paths: list[Path], levels: torch.Tensor) -> str:
@@ -71,7 +71,7 @@ def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bo
     ``inputs`` (list of uint8 (G, 3, H, W), one per image) and ``levels`` ((G, 3) task space).
     """
     from cirlab.data.degradations import degrade
-    from cirlab.data.images import crop_to_multiple, load_image, scan_folder
+    from cirlab.data.image_files import crop_to_multiple, load_image, scan_folder
 
     levels = level_grid(spec.grid)
     paths = scan_folder(spec.folder, on_bad=spec.on_bad, config_key=spec.config_key)
@@ -87,14 +87,12 @@ def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bo
 
     clean_images, inputs = [], []
     for index, path in enumerate(tqdm(paths, desc=f"generating {Path(spec.folder).name} x {len(levels)} levels", disable=not progress)):
-        image = crop_to_multiple(load_image(path), 2)
-        if spec.crop:
-            image = _center_crop(image, spec.crop)
+        image = center_crop(crop_to_multiple(load_image(path), 2), spec.crop, even=False, whole_if_smaller=True)
         clean = image.float().div(255).unsqueeze(0).expand(len(levels), -1, -1, -1).contiguous()
-        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
+        generator = torch.Generator().manual_seed(mix_seed(spec.seed, index))
         degraded = degrade(clean, levels, generator=generator)
         clean_images.append(image)
-        inputs.append(degraded.mul(255).round().to(torch.uint8))
+        inputs.append(quantize_uint8(degraded))
     data = {"names": [p.name for p in paths], "clean": clean_images, "inputs": inputs, "levels": levels}
     if cache_file is not None:
         save_torch_file(data, cache_file)

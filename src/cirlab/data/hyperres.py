@@ -1,6 +1,6 @@
 """Single-type degradation tasks at scalar levels (HyperRes): denoising, DeJPEG, super-resolution.
 
-HyperRes (METHOD.md section 5) restores one degradation type at a time, at a scalar level:
+HyperRes (docs/method.md section 5) restores one degradation type at a time, at a scalar level:
 
 =========  ================  ===================  ==================  ===============  =======
 task       level             training levels (k)  sweep (evaluation)  test set         metric
@@ -14,9 +14,9 @@ The network sees the normalised level c = level / ``level_scale`` (255 for every
 reference). :func:`degrade_level` makes the degraded image (uint8 in, uint8 out):
 
 * ``denoise``: ``clean + sigma / 255 * n`` with n standard normal, then rounded and clipped to
-  uint8 (``quantize_uint8``). [choice] Rounding, as the rest of this suite; the reference's
-  generator truncates (``astype(uint8)``). Sigma may exceed the CResMD range of
-  ``add_gaussian_noise`` (50), so the addition is done here.
+  uint8 (:func:`~cirlab.metrics.conventions.quantize_uint8`). [choice] Rounding, as the rest of
+  this suite; the reference's generator truncates (``astype(uint8)``). Sigma may exceed the
+  CResMD range of ``add_gaussian_noise`` (50), so the addition is done here.
 * ``dejpeg``: real JPEG at quality q (``jpeg_roundtrip``: libjpeg via torchvision, 4:2:0), q
   an integer in [10, 100].
 * ``sr``: bicubic down to ``round(H / s) x round(W / s)``, rounded to uint8, then bicubic back up
@@ -28,12 +28,12 @@ reference). :func:`degrade_level` makes the degraded image (uint8 in, uint8 out)
 SR tables score the BT.601 Y channel of the RGB output, as the paper's tables. The reference's
 README trains its DeJPEG model on luminance only; that variant is not provided here.
 
-Training (:class:`LevelDataModule`): the crop machinery of
-:class:`~cirlab.data.datamodule.RestorationDataModule` (workers cut clean crops keyed by sample
-id; the stream is a function of seed, batch index and rank, so resumed runs continue it). In
-``on_after_batch_transfer`` each batch of clean crops is degraded at every one of the k training
-levels: the batch becomes ``inputs`` (k, B, 3, P, P), ``target`` (B, 3, P, P) (the same crops,
-same flips, for every level) and ``levels`` (k, 1), the normalised levels. [choice] The
+Training (:class:`LevelDataModule`): the crop stream of :mod:`cirlab.data.loading` (workers cut
+clean crops keyed by sample id; the stream is a function of seed, batch index and rank, so
+resumed runs continue it). In ``on_after_batch_transfer`` each batch of clean crops is degraded
+at every one of the k training levels: the batch becomes ``inputs`` (k, B, 3, P, P) and
+``target`` (B, 3, P, P), float in [0, 1] (the same crops, same flips, for every level), and
+``levels`` (k, 1), the normalised levels. [choice] The
 degradation is synthesised on the crop (the reference degrades whole images once and crops
 them): bicubic and JPEG border effects at the crop edges differ slightly, and each step sees
 new noise.
@@ -54,14 +54,24 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from cirlab.data.datamodule import _ID_STRIDE, RestorationDataModule
 from cirlab.checkpoints import read_torch_file, save_torch_file
-from cirlab.data.degradations import jpeg_roundtrip, quantize_uint8
+from cirlab.data.degradations import jpeg_roundtrip
+from cirlab.data.image_files import center_crop
+from cirlab.data.loading import (
+    check_crop_settings,
+    crop_loader,
+    decode_training_images,
+    mix_seed,
+    scan_training_folder,
+    shard_loader,
+)
+from cirlab.metrics.conventions import quantize_uint8
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +156,6 @@ def level_seed(seed: int, index: int, level: float) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _center_crop(image: Tensor, size: int | None) -> Tensor:
-    if not size:
-        return image
-    h, w = image.shape[-2:]
-    size_h, size_w = min(size, h) // 2 * 2, min(size, w) // 2 * 2
-    top, left = (h - size_h) // 2, (w - size_w) // 2
-    return image[..., top : top + size_h, left : left + size_w]
-
-
 def degrade_image_levels(image: Tensor, task: str, levels: Sequence[float], seed: int, index: int) -> Tensor:
     """Image ``index`` (uint8 (3, H, W)) at every level: uint8 (G, 3, H, W), deterministic."""
     out = []
@@ -179,7 +180,7 @@ class LevelSetSpec:
 
 
 def _paths(spec: LevelSetSpec) -> list[Path]:
-    from cirlab.data.images import scan_folder
+    from cirlab.data.image_files import scan_folder
 
     paths = scan_folder(spec.folder, on_bad=spec.on_bad, config_key=spec.config_key)
     return paths[: spec.max_images] if spec.max_images is not None else paths
@@ -187,11 +188,11 @@ def _paths(spec: LevelSetSpec) -> list[Path]:
 
 def iter_level_images(spec: LevelSetSpec, paths: list[Path] | None = None) -> Iterator[tuple[str, Tensor, Tensor]]:
     """Yield ``(name, clean uint8 (3, H, W), inputs uint8 (G, 3, H, W))`` image by image, uncached."""
-    from cirlab.data.images import crop_to_multiple, load_image
+    from cirlab.data.image_files import crop_to_multiple, load_image
 
     levels = get_task(spec.task).check(spec.levels, f"{spec.config_key} levels")
     for index, path in enumerate(paths if paths is not None else _paths(spec)):
-        image = _center_crop(crop_to_multiple(load_image(path), 2), spec.crop).contiguous()
+        image = center_crop(crop_to_multiple(load_image(path), 2), spec.crop).contiguous()
         yield path.name, image, degrade_image_levels(image, spec.task, levels, spec.seed, index)
 
 
@@ -250,19 +251,29 @@ class LevelSetDataset(Dataset):
         }
 
 
-class LevelDataModule(RestorationDataModule):
+class LevelDataModule(L.LightningDataModule):
     """Training batches of k degraded versions of the same clean crops, one per training level.
 
-    Args (beyond :class:`~cirlab.data.datamodule.RestorationDataModule`'s crop and folder settings):
+    Args:
         task: ``denoise``, ``dejpeg`` or ``sr``.
         levels: the k training levels (physical units); default the reference's four.
         val_levels, test_levels: levels of the validation and test sets (default: the training
             levels and the sweep's ends; the task's sweep).
         level_scale: c = level / level_scale (255, the reference).
         metric_channel: ``rgb`` or ``y`` for validation/test PSNR and SSIM (default per task).
+        train_dir: folder of clean training images.
+        val_dir, test_dir: folders of clean images for the level sets (None: no such set).
+        patch_size: training crop size in pixels (even); batch_size: crops per batch (per rank);
+            batches_per_epoch: length of one training epoch; num_workers: workers cutting crops.
+        val_max_images, test_max_images: use only the first N images (None = all).
+        val_crop, test_crop: centre crop of the evaluation images (None = whole image).
+        cache_dir: where generated level sets are cached (``<cache_dir>/evalsets``).
+        seed: the data seed; on_bad: ``"error"`` or ``"skip"`` (warn, naming each bad file).
+        embedded_root: if set, the embedded scikit-image photos are written there first.
+        pin_memory: passed to the DataLoaders; overfit_batches: if set, cycle the first N batches.
 
-    Batches: ``inputs`` (k, B, 3, P, P), ``target`` (B, 3, P, P), ``levels`` (k, 1) normalised.
-    Evaluation items: see :class:`LevelSetDataset`.
+    Batches: ``inputs`` (k, B, 3, P, P), ``target`` (B, 3, P, P), both float in [0, 1],
+    ``levels`` (k, 1) normalised, and ``id``. Evaluation items: see :class:`LevelSetDataset`.
     """
 
     def __init__(
@@ -291,10 +302,20 @@ class LevelDataModule(RestorationDataModule):
         pin_memory: bool = False,
         overfit_batches: int | None = None,
     ) -> None:
-        super().__init__(train_dir=train_dir, val_dir=val_dir, test_dir=test_dir, patch_size=patch_size,
-                         batch_size=batch_size, batches_per_epoch=batches_per_epoch, num_workers=num_workers,
-                         cache_dir=cache_dir, seed=seed, on_bad=on_bad, embedded_root=embedded_root,
-                         pin_memory=pin_memory, overfit_batches=overfit_batches)
+        super().__init__()
+        check_crop_settings(patch_size, batch_size, batches_per_epoch, num_workers, on_bad, overfit_batches)
+        self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
+        self.patch_size, self.batch_size = patch_size, batch_size
+        self.batches_per_epoch, self.num_workers = batches_per_epoch, num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.seed, self.on_bad = seed, on_bad
+        self.embedded_root = embedded_root
+        self.pin_memory = pin_memory
+        self.overfit_batches = overfit_batches
+        self.train_images = None
+        self.val_set: LevelSetDataset | None = None
+        self.test_set: LevelSetDataset | None = None
+
         self.level_task = get_task(task)
         self.task = task
         spec = self.level_task
@@ -312,9 +333,6 @@ class LevelDataModule(RestorationDataModule):
         self.level_specs = {"val": (val_max_images, val_crop), "test": (test_max_images, test_crop)}
 
     # ------------------------------------------------------------------ evaluation sets
-    def _eval_spec(self, stage: str):  # the 3-D task-vector sets of the base class are not used
-        return None
-
     def level_spec(self, stage: str) -> LevelSetSpec | None:
         folder = self.val_dir if stage == "val" else self.test_dir
         if folder is None:
@@ -324,24 +342,53 @@ class LevelDataModule(RestorationDataModule):
         return LevelSetSpec(folder=str(folder), task=self.task, levels=levels, max_images=max_images, crop=crop,
                             seed=self.seed, on_bad=self.on_bad, config_key=f"data.{stage}_dir")
 
+    def _eval_cache_dir(self) -> Path | None:
+        return self.cache_dir / "evalsets" if self.cache_dir else None
+
     def label(self, level: float) -> str:
         return self.level_task.label(level)
 
     def prepare_data(self) -> None:
-        super().prepare_data()
+        """Write the embedded images if requested; validate the training folder; generate the level sets."""
+        if self.embedded_root:
+            from cirlab.data.embedded import write_embedded
+
+            write_embedded(self.embedded_root)
+        self.check_inputs()
         for stage in ("val", "test"):
             spec = self.level_spec(stage)
             if spec is not None:
                 build_level_set(spec, self._eval_cache_dir())
 
+    def check_inputs(self) -> list[Path]:
+        """Validate the training folder (every file, before training starts); return its images."""
+        return scan_training_folder(self.train_dir, self.patch_size, self.on_bad)
+
     def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
+        """Decode the training images (first ``fit`` only) and load the level sets the stage needs."""
+        if stage in (None, "fit") and self.train_images is None and self.train_dir is not None:
+            self.train_images = decode_training_images(self.check_inputs())
         for name, wanted in (("val", (None, "fit", "validate")), ("test", (None, "test"))):
             if stage in wanted and getattr(self, f"{name}_set") is None:
                 spec = self.level_spec(name)
                 if spec is not None:
                     data = build_level_set(spec, self._eval_cache_dir())
                     setattr(self, f"{name}_set", LevelSetDataset(data, self.level_scale))
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        return crop_loader(self.train_images, patch_size=self.patch_size, batch_size=self.batch_size,
+                           batches_per_epoch=self.batches_per_epoch, seed=self.seed, num_workers=self.num_workers,
+                           pin_memory=self.pin_memory, overfit_batches=self.overfit_batches,
+                           trainer=lambda: self.trainer)
+
+    def val_dataloader(self) -> DataLoader:
+        return shard_loader(self.val_set, "val", trainer=self.trainer, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory)
+
+    def test_dataloader(self) -> DataLoader:
+        return shard_loader(self.test_set, "test", trainer=self.trainer, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory)
 
     # ------------------------------------------------------------------ training batches
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
@@ -350,7 +397,7 @@ class LevelDataModule(RestorationDataModule):
             return batch
         clean = batch["clean"]
         generator = torch.Generator(device=clean.device)
-        generator.manual_seed(self.seed * _ID_STRIDE + int(batch["id"][0]))
+        generator.manual_seed(mix_seed(self.seed, batch["id"][0]))
         inputs = torch.stack([degrade_level(clean, self.task, level, generator) for level in self.levels])
         levels = torch.tensor(self.levels, dtype=torch.float32, device=clean.device).div_(self.level_scale)
         return {"inputs": inputs.float().div_(255), "target": clean.float().div(255), "levels": levels[:, None],
@@ -366,6 +413,3 @@ class LevelDataModule(RestorationDataModule):
         if dataset is None:
             return None
         return torch.stack([dataset.clean[i] for i in range(min(count, len(dataset)))])
-
-    def describe(self) -> dict:
-        return {**super().describe(), "task": self.task, "levels": self.levels, "level_scale": self.level_scale}

@@ -2,7 +2,7 @@
 
 A training pair is two degraded versions of one clean crop: the *input* at task-space levels
 ``l_in`` and the *target* at ``l_gt <= l_in`` (per type); the task vector is
-``t = l_in - l_gt`` (METHOD.md section 1). Absolute ground truth (CResMD) is ``l_gt = 0``.
+``t = l_in - l_gt`` (docs/method.md section 1). Absolute ground truth (CResMD) is ``l_gt = 0``.
 
 Sampling rule of :class:`PairSampler` (per pair, all draws from the caller's generator)
 -----------------------------------------------------------------------------------------
@@ -172,9 +172,9 @@ class SamplingConfig:
         distribution: ``"uniform"`` on the grid or ``"beta"`` (Beta(beta_a, beta_b) snapped to
             the grid, CResMD).
         beta_a, beta_b: Beta parameters (> 0); CResMD uses (0.5, 1).
-        blur_stride: blur grid stride in pixels (METHOD.md: 0.1).
-        noise_stride: noise grid stride on the 0..255 scale (METHOD.md: 1).
-        jpeg_stride: JPEG quality grid stride (METHOD.md: 2): q = 100, 100 - s, ... plus none.
+        blur_stride: blur grid stride in pixels (docs/method.md: 0.1).
+        noise_stride: noise grid stride on the 0..255 scale (docs/method.md: 1).
+        jpeg_stride: JPEG quality grid stride (docs/method.md: 2): q = 100, 100 - s, ... plus none.
     """
 
     ground_truth: str = "relative"
@@ -446,7 +446,7 @@ def make_pairs(
     """Degrade a batch of clean crops into (input, target) training pairs.
 
     Both images start from the same clean crop (each blurred from it at its own radius) and
-    share ONE standard-normal noise field, scaled by each image's own sigma (METHOD.md
+    share ONE standard-normal noise field, scaled by each image's own sigma (docs/method.md
     section 1 choice), so removing part of the noise is a well-posed mapping. Input and target
     are produced by one :func:`~cirlab.data.degradations.degrade` call on 2B images.
 

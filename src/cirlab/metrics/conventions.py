@@ -1,4 +1,4 @@
-"""Image conventions shared by the metrics: input checks, uint8 quantisation, BT.601 luma.
+"""Image conventions shared by the metrics and the data: input checks, uint8 quantisation, BT.601 luma.
 
 Tensors are image batches ``(B, C, H, W)``; float images are RGB (or grey) in ``[0, 1]``.
 
@@ -64,6 +64,10 @@ def check_pair(pred: Tensor, target: Tensor) -> None:
 def quantize_uint8(x: Tensor) -> Tensor:
     """Quantise a float image to 8 bits as saved to disk.
 
+    The one uint8 quantiser of the package: the paper metrics score with it, and the synthetic
+    degradations (:mod:`cirlab.data.degradations`, :mod:`cirlab.data.hyperres`) and evaluation
+    sets store their images with it. Not differentiable (the input is detached).
+
     Args:
         x: float tensor of any shape, nominally in ``[0, 1]``; a ``uint8`` tensor is returned
             unchanged.
@@ -76,8 +80,8 @@ def quantize_uint8(x: Tensor) -> Tensor:
         return x
     if not x.is_floating_point():
         raise ValueError(f"quantize_uint8 expects a float or uint8 tensor, got {x.dtype}")
-    x = torch.nan_to_num(x.detach(), nan=0.0)
-    return torch.round(x.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    x = torch.nan_to_num(x.detach(), nan=0.0)  # a new tensor: the rest is done in place
+    return x.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
 
 
 def rgb_to_y_bt601(x: Tensor, data_range: float | None = None, round_output: bool = False) -> Tensor:

@@ -1,26 +1,24 @@
-"""Tests for cirlab.data.images: folder listing, per-file validation, scanning, the decoded cache."""
+"""Tests for cirlab.data.image_files: folder listing, per-file validation, scanning, crops."""
 
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import zlib
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset
 
-from cirlab.data.images import (
+from cirlab.data.image_files import (
     IMAGE_EXTENSIONS,
-    DecodedImageCache,
     ImageFolderError,
+    center_crop,
     check_image,
     crop_to_multiple,
+    header_size,
     list_images,
     load_image,
     scan_folder,
@@ -394,7 +392,7 @@ def test_scan_folder_truncates_long_listing(tmp_path):
 
 def test_scan_folder_skip_warns_per_file(tmp_path, caplog):
     files = _mixed_folder(tmp_path / "train")
-    with caplog.at_level(logging.WARNING, logger="cirlab.data.images"):
+    with caplog.at_level(logging.WARNING, logger="cirlab.data.image_files"):
         good = scan_folder(tmp_path / "train", min_size=16, on_bad="skip")
     assert good == [files[f"good{i}"] for i in range(3)]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -413,135 +411,6 @@ def test_scan_folder_bad_option(tmp_path):
     save_rgb(tmp_path / "a.png")
     with pytest.raises(ValueError, match="on_bad"):
         scan_folder(tmp_path, on_bad="ignore")  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------ DecodedImageCache
-
-
-@pytest.fixture
-def image_paths(tmp_path) -> list[Path]:
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    sizes = [(20, 30), (17, 9), (32, 32), (5, 41)]
-    for i, (h, w) in enumerate(sizes):
-        save_rgb(folder / f"{i:02d}.png", h, w, seed=10 + i)
-    return list_images(folder)
-
-
-def test_cache_matches_load_image_and_is_shared(image_paths):
-    cache = DecodedImageCache.from_paths(image_paths, num_threads=2)
-    assert len(cache) == 4
-    assert cache.names == [p.name for p in image_paths]
-    assert cache.sizes == [(20, 30), (17, 9), (32, 32), (5, 41)]
-    assert cache.total_bytes == sum(3 * h * w for h, w in cache.sizes)
-    for i, p in enumerate(image_paths):
-        t = cache[i]
-        assert t.dtype == torch.uint8 and t.shape == (3, *cache.sizes[i])
-        assert t.is_shared()
-        assert torch.equal(t, load_image(p))
-    assert torch.equal(cache[-1], cache[3])
-    with pytest.raises(IndexError):
-        cache[4]
-
-
-def test_cache_pickles_as_handle_for_workers(image_paths):
-    cache = DecodedImageCache.from_paths(image_paths)
-    # torch.multiprocessing's pickler (used for spawned DataLoader workers) sends a handle
-    assert len(ForkingPickler.dumps(cache)) < cache.total_bytes
-    big = DecodedImageCache(
-        torch.zeros(3 * 512 * 512, dtype=torch.uint8).share_memory_(),
-        [(512, 512)],
-        ["z.png"],
-        ["/z.png"],
-        "x",
-    )
-    assert len(ForkingPickler.dumps(big)) < 4096
-
-
-def test_cache_from_paths_reports_bad_file(image_paths, tmp_path):
-    bad = tmp_path / "bad.png"
-    bad.write_text("no")
-    assert_error(
-        DecodedImageCache.from_paths, [*image_paths, bad], contains=("bad.png",)
-    )
-
-
-class _CacheDataset(Dataset):
-    def __init__(self, cache: DecodedImageCache) -> None:
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        return i, self.cache[i][:, :4, :4].clone()  # a fixed-size crop
-
-
-@pytest.mark.parametrize("ctx", ["fork", "spawn"])
-def test_dataloader_workers_see_cached_pixels(image_paths, ctx):
-    cache = DecodedImageCache.from_paths(image_paths)
-    loader = DataLoader(
-        _CacheDataset(cache), batch_size=2, num_workers=2, multiprocessing_context=ctx
-    )
-    seen = {}
-    for idx, crops in loader:
-        for i, c in zip(idx.tolist(), crops):
-            seen[i] = c
-    assert sorted(seen) == [0, 1, 2, 3]
-    for i, p in enumerate(image_paths):
-        assert torch.equal(seen[i], load_image(p)[:, :4, :4])
-
-
-def test_cache_save_load_round_trip(image_paths, tmp_path):
-    cache = DecodedImageCache.from_paths(image_paths)
-    target = tmp_path / "cache" / "train.pt"
-    cache.save(target)
-    assert target.is_file()
-    assert not [p for p in target.parent.iterdir() if p != target]  # no temp files left
-    loaded = DecodedImageCache.load(target, image_paths)
-    assert loaded is not None
-    assert loaded.names == cache.names and loaded.sizes == cache.sizes
-    for i in range(len(cache)):
-        assert loaded[i].is_shared()
-        assert torch.equal(loaded[i], cache[i])
-    assert DecodedImageCache.load(tmp_path / "absent.pt") is None
-
-
-def test_cache_stale_after_touching_a_file(image_paths, tmp_path, caplog):
-    target = tmp_path / "train.pt"
-    DecodedImageCache.from_paths(image_paths).save(target)
-    st = image_paths[1].stat()
-    os.utime(image_paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    with caplog.at_level(logging.WARNING, logger="cirlab.data.images"):
-        assert DecodedImageCache.load(target) is None
-    assert any("stale" in r.getMessage() for r in caplog.records)
-    # a different file list is also a mismatch
-    assert DecodedImageCache.load(target, image_paths[:2]) is None
-
-
-def test_cache_load_or_build_rebuilds_when_stale(image_paths, tmp_path):
-    target = tmp_path / "c.pt"
-    first = DecodedImageCache.load_or_build(image_paths, target)
-    assert target.exists()
-    save_rgb(image_paths[0], 20, 30, seed=99)  # new content, new mtime
-    st = image_paths[0].stat()
-    os.utime(image_paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    second = DecodedImageCache.load_or_build(image_paths, target)
-    assert not torch.equal(first[0], second[0])
-    assert torch.equal(second[0], load_image(image_paths[0]))
-    third = DecodedImageCache.load(target, image_paths)
-    assert third is not None and torch.equal(third[0], second[0])
-
-
-def test_cache_load_rejects_garbage_file(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a torch file")
-    assert_error(DecodedImageCache.load, bad, contains=("bad.pt",))
-    other = tmp_path / "other.pt"
-    torch.save({"format": "something else"}, other)
-    assert_error(
-        DecodedImageCache.load, other, contains=("other.pt", "not a cirlab image cache")
-    )
 
 
 # ------------------------------------------------------------------ crop_to_multiple
@@ -565,3 +434,31 @@ def test_scan_many_files_with_progress_bar(tmp_path):
     for i in range(60):  # above the progress-bar threshold
         Image.new("RGB", (4, 4), (i, i, i)).save(tmp_path / f"{i:03d}.bmp")
     assert len(scan_folder(tmp_path, num_threads=4)) == 60
+
+
+def test_header_size_reads_the_header_and_names_a_bad_file(tmp_path):
+    save_rgb(tmp_path / "a.png", 17, 9)
+    assert header_size(tmp_path / "a.png") == (17, 9)
+    (tmp_path / "bad.png").write_text("no")
+    assert_error(header_size, tmp_path / "bad.png", contains=("bad.png",))
+
+
+# ------------------------------------------------------------------ center_crop
+
+
+def test_center_crop_fits_each_side_and_keeps_it_even():
+    img = torch.arange(3 * 9 * 12).reshape(3, 9, 12)
+    assert center_crop(img, None) is img and center_crop(img, 0) is img
+    out = center_crop(img, 5)  # 5 -> 4 (even)
+    assert out.shape == (3, 4, 4) and torch.equal(out, img[:, 2:6, 4:8])
+    assert out.untyped_storage().data_ptr() == img.untyped_storage().data_ptr()  # a view, no copy
+    assert center_crop(img, 10).shape == (3, 8, 10)  # H 9 -> 8; W 12 -> 10
+    assert center_crop(img.unsqueeze(0), 100).shape == (1, 3, 8, 12)  # larger than the image: even sides
+    assert center_crop(img, 5, even=False).shape == (3, 5, 5)
+
+
+def test_center_crop_whole_if_smaller_is_the_evaluation_set_rule():
+    img = torch.arange(3 * 10 * 14).reshape(3, 10, 14)
+    assert center_crop(img, 12, even=False, whole_if_smaller=True) is img  # H 10 < 12: no crop
+    out = center_crop(img, 7, even=False, whole_if_smaller=True)  # exactly 7 x 7, odd kept
+    assert out.shape == (3, 7, 7) and torch.equal(out, img[:, 1:8, 3:10])

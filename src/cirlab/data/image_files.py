@@ -1,10 +1,11 @@
-"""Reading folders of clean RGB images, with clear errors for bad input.
+"""Image files: finding, validating and decoding folders of clean RGB images.
 
-Training reads a folder of clean images (DIV2K layout ``DIV2K_train_HR/*.png``, or any
-folder); the validation/test generators read folders such as CBSD68 (PNG) or LIVE1 (BMP).
-The project rule: bad input gets a clear error that names the file or config key, raised
-before training starts; nothing is silently dropped. Where configured (``on_bad="skip"``)
-a bad file is skipped with a ``logging`` warning that names it.
+Contract: :func:`load_image` returns a ``torch.uint8`` tensor ``(3, H, W)``, RGB, values
+0..255, contiguous; every other function works on such tensors (or any ``(..., H, W)``) and on
+paths. Bad input raises :class:`ImageFolderError`, whose message names the file or folder and,
+where one applies, the config key (``data.train_dir``); nothing is dropped silently. With
+``on_bad="skip"`` (:func:`scan_folder`) a bad file is skipped with a ``logging`` warning that
+names it.
 
 What counts as a usable image (the rules of :func:`load_image`):
 
@@ -19,19 +20,17 @@ What counts as a usable image (the rules of :func:`load_image`):
   never silently dropped;
 * a single frame (no multi-page TIFF or animated PNG/WebP).
 
-Odd widths/heights are valid (the networks pad); :func:`crop_to_multiple` crops when a fixed
-multiple is needed. EXIF orientation is not applied and embedded ICC profiles are ignored:
-pixels are used as stored.
+Odd widths/heights are valid (the networks pad); :func:`crop_to_multiple` and
+:func:`center_crop` cut images to the sizes a caller needs. EXIF orientation is not applied and
+embedded ICC profiles are ignored: pixels are used as stored. The decoded images of a training
+folder are held in memory by :mod:`cirlab.data.image_cache`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -42,13 +41,15 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "DecodedImageCache",
     "ImageFolderError",
+    "LoadMode",
+    "center_crop",
     "check_image",
     "crop_to_multiple",
-    "fingerprint_files",
+    "header_size",
     "list_images",
     "load_image",
+    "run_in_threads",
     "scan_folder",
 ]
 
@@ -69,8 +70,6 @@ LoadMode = Literal["strict", "gray_to_rgb"]
 _LOAD_MODES = ("strict", "gray_to_rgb")
 _MAX_LISTED = 20
 _PROGRESS_MIN_FILES = 50
-_CACHE_FORMAT = "cirlab.DecodedImageCache"
-_CACHE_VERSION = 1
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HIGH_DEPTH_MODES = {
@@ -396,25 +395,48 @@ def check_image(
     return h, w
 
 
+def header_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header alone (no decode, no validation).
+
+    Raises:
+        ImageFolderError: naming the file, with :func:`load_image`'s precise reason, when
+            Pillow cannot even read the header.
+    """
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except MemoryError:
+        raise
+    except Exception:
+        load_image(path)  # raises the precise ImageFolderError for this file
+        raise  # pragma: no cover - load_image accepted what Image.open rejected
+    return h, w
+
+
 # --------------------------------------------------------------------------------------
 # folders
 
 T = TypeVar("T")
 
 
-def _default_threads() -> int:
-    return max(2, min(4, os.cpu_count() or 1))
-
-
-def _run_parallel(
-    fn: Callable[[Any], T], items: Sequence[Any], num_threads: int, desc: str
+def run_in_threads(
+    fn: Callable[[Any], T],
+    items: Sequence[Any],
+    desc: str,
+    num_threads: int | None = None,
 ) -> list[T | BaseException]:
-    """``fn`` over ``items`` in a thread pool; results (or the ImageFolderError/OSError
-    raised) in order. Other exceptions propagate."""
+    """``fn`` over ``items`` in a thread pool of ``num_threads`` (default: 2 to 4, by CPU count),
+    with a progress bar (``desc``) above 50 items.
+
+    Returns the results in the order of ``items``; where ``fn`` raised an
+    :class:`ImageFolderError` or ``OSError`` the exception takes the result's place (callers
+    report every bad file at once). Other exceptions propagate.
+    """
+    threads = num_threads or max(2, min(4, os.cpu_count() or 1))
     out: list[T | BaseException] = [None] * len(items)  # type: ignore[list-item]
     bar = _progress(len(items), desc)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             futures = {pool.submit(fn, x): i for i, x in enumerate(items)}
             for fut in as_completed(futures):
                 i = futures[fut]
@@ -482,9 +504,7 @@ def scan_folder(
     def check(p: Path) -> tuple[int, int]:
         return check_image(p, min_size=min_size, mode=mode, size_key=size_key)
 
-    results = _run_parallel(
-        check, paths, num_threads or _default_threads(), f"checking {root.name}"
-    )
+    results = run_in_threads(check, paths, f"checking {root.name}", num_threads)
     good: list[Path] = []
     problems: list[str] = []
     for p, r in zip(paths, results):
@@ -515,347 +535,6 @@ def scan_folder(
 
 
 # --------------------------------------------------------------------------------------
-# decoded-image cache
-
-
-def fingerprint_files(paths: Iterable[str | os.PathLike[str]]) -> str:
-    """SHA-256 hex digest of the (absolute path, size in bytes, mtime in ns) of each file, in
-    order. A missing file contributes ``(path, -1, -1)``, so it changes the fingerprint."""
-    entries = []
-    for p in paths:
-        ap = os.path.abspath(os.fspath(p))
-        try:
-            st = os.stat(ap)
-            entries.append([ap, st.st_size, st.st_mtime_ns])
-        except OSError:
-            entries.append([ap, -1, -1])
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-
-
-def _header_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except MemoryError:
-        raise
-    except Exception:
-        load_image(path)  # raises the precise ImageFolderError for this file
-        raise  # pragma: no cover - load_image accepted what Image.open rejected
-    return h, w
-
-
-def _empty_buffer(nbytes: int, shared: bool) -> torch.Tensor:
-    data = torch.empty(nbytes, dtype=torch.uint8)
-    return data.share_memory_() if shared else data
-
-
-def _check_shm_space(nbytes: int) -> None:
-    shm = "/dev/shm"
-    if not os.path.isdir(shm):
-        return
-    try:
-        st = os.statvfs(shm)
-    except OSError:  # pragma: no cover
-        return
-    free = st.f_bavail * st.f_frsize
-    if nbytes > free:
-        raise RuntimeError(
-            f"the decoded images need {nbytes / 2**30:.2f} GiB of shared memory but {shm} has only "
-            f"{free / 2**30:.2f} GiB free; enlarge it (e.g. docker run --shm-size=...) or build "
-            "DecodedImageCache with shared=False (then only fork-started workers avoid copies)"
-        )
-
-
-class DecodedImageCache:
-    """Decoded ``uint8`` RGB images held in memory for the training dataset, so DataLoader
-    workers never decode a large PNG per sample.
-
-    Build it once in the main process with :meth:`from_paths` (thread pool, progress bar) or
-    :meth:`load` / :meth:`load_or_build` (on-disk cache). All images live in **one**
-    contiguous ``uint8`` buffer in shared memory (``share_memory_()``); ``cache[i]`` is a
-    ``(3, H, W)`` ``uint8`` view into it (no copy; do not modify it in place). One buffer
-    rather than one shared tensor per image keeps a single shared-memory handle, so passing
-    the cache to workers costs one file descriptor, not one per image.
-
-    Workers see the images without copies: with ``fork`` they inherit the mapping; with
-    ``spawn``/``forkserver`` the cache is pickled through ``torch.multiprocessing``, which
-    sends shared-memory tensors as handles (a few hundred bytes in total). Note: plain
-    :mod:`pickle` (not the multiprocessing pickler) serialises the pixel data itself.
-
-    Attributes:
-        names: file name of each image (``str``).
-        paths: absolute source path of each image (``str``).
-        sizes: ``(H, W)`` of each image.
-        total_bytes: bytes of pixel data (sum of ``3*H*W``).
-        fingerprint: :func:`fingerprint_files` of ``paths`` when the cache was built.
-    """
-
-    def __init__(
-        self,
-        data: torch.Tensor,
-        sizes: Sequence[tuple[int, int]],
-        names: Sequence[str],
-        paths: Sequence[str],
-        fingerprint: str,
-    ) -> None:
-        if data.dtype != torch.uint8 or data.dim() != 1:
-            raise ValueError(
-                f"data must be a 1-D uint8 tensor, got {data.dtype} {tuple(data.shape)}"
-            )
-        if not (len(sizes) == len(names) == len(paths)):
-            raise ValueError("sizes, names and paths must have the same length")
-        self.sizes: list[tuple[int, int]] = [(int(h), int(w)) for h, w in sizes]
-        self.names = list(names)
-        self.paths = list(paths)
-        self.fingerprint = fingerprint
-        offsets = [0]
-        for h, w in self.sizes:
-            offsets.append(offsets[-1] + 3 * h * w)
-        if offsets[-1] != data.numel():
-            raise ValueError(
-                f"data holds {data.numel()} bytes but the sizes need {offsets[-1]}"
-            )
-        self._offsets = offsets
-        self._data = data
-
-    # -- building ----------------------------------------------------------------------
-
-    @classmethod
-    def from_paths(
-        cls,
-        paths: Sequence[str | os.PathLike[str]],
-        *,
-        num_threads: int | None = None,
-        mode: LoadMode = "strict",
-        shared: bool = True,
-    ) -> DecodedImageCache:
-        """Decode ``paths`` (in order) with :func:`load_image` into a new cache.
-
-        Reads the headers first to allocate the buffer, then decodes in a thread pool
-        (``num_threads``, default 2-4) straight into it, so peak memory is the buffer plus
-        one image per thread. With ``shared=True`` (default) the buffer lives in shared
-        memory (checked against free space in ``/dev/shm`` first).
-
-        Raises:
-            ImageFolderError: for the first bad file (in path order); run
-                :func:`scan_folder` first for a report of all of them.
-            ValueError: ``paths`` is empty.
-        """
-        plist = [Path(p) for p in paths]
-        if not plist:
-            raise ValueError("DecodedImageCache.from_paths: no image paths given")
-        sizes = [_header_size(p) for p in plist]
-        offsets = [0]
-        for h, w in sizes:
-            offsets.append(offsets[-1] + 3 * h * w)
-        total = offsets[-1]
-        if shared:
-            _check_shm_space(total)
-        data = _empty_buffer(total, shared)
-
-        def decode(i: int) -> None:
-            img = load_image(plist[i], mode=mode)
-            h, w = sizes[i]
-            # header and decoded size disagree (defensive)
-            if tuple(img.shape) != (3, h, w):  # pragma: no cover
-                raise ImageFolderError(
-                    f"image '{plist[i]}' decoded to {tuple(img.shape)}, header said (3, {h}, {w})",
-                    path=plist[i],
-                )
-            data[offsets[i] : offsets[i + 1]].copy_(img.reshape(-1))
-
-        results = _run_parallel(
-            decode,
-            range(len(plist)),
-            num_threads or _default_threads(),
-            "decoding images",
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return cls(
-            data,
-            sizes,
-            names=[p.name for p in plist],
-            paths=[os.path.abspath(p) for p in plist],
-            fingerprint=fingerprint_files(plist),
-        )
-
-    # -- access ------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        """Image ``i`` as a ``(3, H, W)`` ``uint8`` view (shared memory; read-only by convention)."""
-        n = len(self.sizes)
-        if not -n <= i < n:
-            raise IndexError(f"image index {i} out of range for {n} images")
-        i %= n
-        h, w = self.sizes[i]
-        return self._data[self._offsets[i] : self._offsets[i + 1]].view(3, h, w)
-
-    @property
-    def total_bytes(self) -> int:
-        return self._data.numel()
-
-    def is_shared(self) -> bool:
-        return self._data.is_shared()
-
-    def __repr__(self) -> str:
-        return (
-            f"DecodedImageCache({len(self)} images, {self.total_bytes / 2**20:.1f} MiB, "
-            f"shared={self.is_shared()})"
-        )
-
-    # -- on-disk cache -----------------------------------------------------------------
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the cache to one file with ``torch.save``, atomically (temporary file in the
-        same folder, fsync, ``os.replace``): a reader never sees a half-written file.
-
-        Stored: the pixel buffer, sizes, names, paths and the source fingerprint. Returns the path.
-        """
-        dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": _CACHE_FORMAT,
-            "version": _CACHE_VERSION,
-            "data": self._data,
-            "sizes": [list(s) for s in self.sizes],
-            "names": self.names,
-            "paths": self.paths,
-            "fingerprint": self.fingerprint,
-        }
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return dest
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        paths: Sequence[str | os.PathLike[str]] | None = None,
-        *,
-        shared: bool = True,
-    ) -> DecodedImageCache | None:
-        """Read a cache written by :meth:`save` (``torch.load(weights_only=True, mmap=True)``).
-
-        Returns ``None`` (with a logged reason) when the file does not exist or is stale: the
-        source files' current fingerprint (paths, sizes, mtimes) differs from the stored one,
-        or ``paths`` is given and differs from the stored list.
-
-        Raises:
-            ImageFolderError: naming the file, if it exists but is not a readable cache.
-        """
-        src = Path(path)
-        if not src.exists():
-            return None
-        try:
-            payload = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            if isinstance(e, MemoryError):
-                raise
-            raise ImageFolderError(
-                f"image cache '{src}' could not be read ({type(e).__name__}: {e}); delete it to rebuild",
-                path=src,
-            ) from e
-        if not isinstance(payload, dict) or payload.get("format") != _CACHE_FORMAT:
-            raise ImageFolderError(
-                f"'{src}' is not a cirlab image cache; delete it to rebuild", path=src
-            )
-        missing = {"data", "sizes", "names", "paths", "fingerprint"} - payload.keys()
-        if missing:
-            raise ImageFolderError(
-                f"image cache '{src}' lacks {sorted(missing)}; delete it to rebuild",
-                path=src,
-            )
-        if payload.get("version") != _CACHE_VERSION:
-            logger.warning(
-                "image cache '%s' has version %s (want %s); ignoring it",
-                src,
-                payload.get("version"),
-                _CACHE_VERSION,
-            )
-            return None
-        stored_paths = list(payload["paths"])
-        if paths is not None and [os.path.abspath(p) for p in paths] != stored_paths:
-            logger.warning(
-                "image cache '%s' was built from a different list of files; ignoring it",
-                src,
-            )
-            return None
-        if fingerprint_files(stored_paths) != payload["fingerprint"]:
-            logger.warning(
-                "image cache '%s' is stale (source files changed: paths, sizes or mtimes); ignoring it",
-                src,
-            )
-            return None
-        stored = payload["data"]
-        if (
-            not isinstance(stored, torch.Tensor)
-            or stored.dtype != torch.uint8
-            or stored.dim() != 1
-        ):
-            raise ImageFolderError(
-                f"image cache '{src}' holds no 1-D uint8 pixel buffer; delete it to rebuild",
-                path=src,
-            )
-        if shared:
-            _check_shm_space(stored.numel())
-        data = _empty_buffer(stored.numel(), shared)
-        data.copy_(stored)  # from the mmap'd file straight into (shared) memory
-        del stored
-        try:
-            return cls(
-                data,
-                [(int(h), int(w)) for h, w in payload["sizes"]],
-                names=[str(n) for n in payload["names"]],
-                paths=stored_paths,
-                fingerprint=str(payload["fingerprint"]),
-            )
-        except (ValueError, TypeError, KeyError) as e:
-            raise ImageFolderError(
-                f"image cache '{src}' is inconsistent ({e}); delete it to rebuild",
-                path=src,
-            ) from e
-
-    @classmethod
-    def load_or_build(
-        cls,
-        paths: Sequence[str | os.PathLike[str]],
-        cache_file: str | os.PathLike[str] | None,
-        *,
-        num_threads: int | None = None,
-        mode: LoadMode = "strict",
-        shared: bool = True,
-    ) -> DecodedImageCache:
-        """:meth:`load` ``cache_file`` if it is fresh for ``paths``; else :meth:`from_paths`
-        and :meth:`save` it (when ``cache_file`` is not None)."""
-        if cache_file is not None:
-            cached = cls.load(cache_file, paths, shared=shared)
-            if cached is not None:
-                return cached
-        cache = cls.from_paths(paths, num_threads=num_threads, mode=mode, shared=shared)
-        if cache_file is not None:
-            cache.save(cache_file)
-        return cache
-
-
-# --------------------------------------------------------------------------------------
 # sizes
 
 
@@ -880,3 +559,30 @@ def crop_to_multiple(img: torch.Tensor, multiple: int = 2) -> torch.Tensor:
             f"image of size {h}x{w} (HxW) is smaller than the multiple {multiple}"
         )
     return img[..., : h - h % multiple, : w - w % multiple]
+
+
+def center_crop(
+    image: torch.Tensor,
+    size: int | None,
+    *,
+    even: bool = True,
+    whole_if_smaller: bool = False,
+) -> torch.Tensor:
+    """The central ``size x size`` window of ``image`` (``(..., H, W)``, any dtype), as a view.
+
+    ``size`` None or 0: ``image`` is returned as is. Otherwise each side becomes
+    ``min(size, side)``, rounded down to even when ``even`` (the networks run their trunk at
+    half resolution), with the window at offset ``(side - new_side) // 2``. With
+    ``whole_if_smaller``, an image smaller than ``size`` on either side is returned whole and a
+    larger one is cut to exactly ``size x size`` (the evaluation sets' rule, with ``even=False``).
+    """
+    if not size:
+        return image
+    h, w = image.shape[-2:]
+    if whole_if_smaller and (h < size or w < size):
+        return image
+    size_h, size_w = min(size, h), min(size, w)
+    if even:
+        size_h, size_w = size_h // 2 * 2, size_w // 2 * 2
+    top, left = (h - size_h) // 2, (w - size_w) // 2
+    return image[..., top : top + size_h, left : left + size_w]

@@ -1,0 +1,247 @@
+"""Loading shared by the DataModules: keyed clean crops, a resumable batch stream, sharded evaluation.
+
+Training batches are clean crops only: ``{"clean": (B, 3, P, P) uint8, "id": (B,) int64}``; each
+DataModule turns them into its pairs in ``on_after_batch_transfer``. The stream is a pure
+function of ``(seed, global batch index, rank)``: sample ``j`` of batch ``b`` of rank ``k`` in a
+world of ``W`` ranks has the id ``(b * W + k) * B + j``, and :class:`CropDataset` draws its crop
+from ``(seed, id)``. Ranks therefore never draw the same crops, and a run resumed from a
+checkpoint continues the stream where it stopped (:class:`SteppedDataLoader` stores its position
+in the checkpoint). Evaluation sets are sharded by whole items over ranks without padding
+(:class:`ShardSampler`), so every image is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from cirlab.data.image_cache import DecodedImageCache
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SEED_STRIDE",
+    "CropDataset",
+    "ShardSampler",
+    "SteppedBatchSampler",
+    "SteppedDataLoader",
+    "check_crop_settings",
+    "crop_loader",
+    "decode_training_images",
+    "mix_seed",
+    "rank_and_world",
+    "scan_training_folder",
+    "shard_loader",
+]
+
+#: Multiplier that mixes a run's seed into per-sample (or per-image) indices: ``seed * SEED_STRIDE + index``.
+SEED_STRIDE = 1_000_003
+
+
+def mix_seed(seed: int, index: int) -> int:
+    """The generator seed of item ``index`` (a sample id or an image index) under ``seed``."""
+    return int(seed) * SEED_STRIDE + int(index)
+
+
+class CropDataset(Dataset):
+    """Random clean crops keyed by a sample id: ``dataset[id]`` is always the same crop.
+
+    ``images`` is a sequence of uint8 ``(3, H, W)`` tensors, each at least ``patch_size`` on both
+    sides (e.g. a :class:`~cirlab.data.image_cache.DecodedImageCache`). Returns
+    ``{"clean": (3, P, P) uint8, "id": int64}``. The image, the crop position and the
+    flips/transpose are drawn from ``numpy.random.default_rng([seed, id])``.
+
+    [choice] The augmentation is plain flips/transpose of the uint8 crop in the worker, not
+    kornia: inputs and targets are all made from that one crop afterwards, so they share it by
+    construction, and flipping a 64x64 uint8 view costs nothing.
+    """
+
+    def __init__(self, images, patch_size: int, seed: int, augment: bool = True) -> None:
+        self.images = images
+        self.patch_size = patch_size
+        self.seed = seed
+        self.augment = augment
+
+    def __len__(self) -> int:  # ids are unbounded; the batch sampler decides how many
+        return 2**62
+
+    def __getitem__(self, sample_id: int) -> dict:
+        rng = np.random.default_rng([self.seed, int(sample_id)])
+        image = self.images[int(rng.integers(len(self.images)))]
+        height, width = image.shape[-2:]
+        top = int(rng.integers(height - self.patch_size + 1))
+        left = int(rng.integers(width - self.patch_size + 1))
+        crop = image[:, top : top + self.patch_size, left : left + self.patch_size]
+        if self.augment:
+            flip_h, flip_v, transpose = rng.integers(2, size=3)
+            if flip_h:
+                crop = crop.flip(-1)
+            if flip_v:
+                crop = crop.flip(-2)
+            if transpose:
+                crop = crop.transpose(-1, -2)
+        return {"clean": crop.contiguous(), "id": torch.tensor(int(sample_id), dtype=torch.long)}
+
+
+class SteppedBatchSampler(Sampler[list[int]]):
+    """Yields the sample ids of global batches ``start .. end of the current epoch``.
+
+    ``start_batch`` is a callable read at each ``iter()``: the number of training batches the
+    trainer has already completed (0 on a fresh run, more after a resume), so a resumed run
+    continues the data stream exactly. ``repeat=N`` cycles through the first N batches
+    (overfitting checks).
+    """
+
+    def __init__(self, batch_size: int, batches_per_epoch: int, rank: int, world_size: int, start_batch,
+                 repeat: int | None = None) -> None:
+        self.repeat = repeat
+        self.resume_from: int | None = None
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.rank = rank
+        self.world_size = world_size
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = int(self.start_batch()) if self.resume_from is None else self.resume_from
+        self.resume_from = None
+        end = (start // self.batches_per_epoch + 1) * self.batches_per_epoch
+        for batch in range(start, end):
+            if self.repeat:
+                batch %= self.repeat
+            first = (batch * self.world_size + self.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
+
+
+class SteppedDataLoader(DataLoader):
+    """A DataLoader whose position is part of the checkpoint (Lightning's ``_Stateful`` protocol).
+
+    The position is the number of global batches already trained; on resume the batch sampler
+    restarts there, so the run sees exactly the batches it would have seen without stopping.
+    """
+
+    def __init__(self, *args, position=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position  # callable: batches fetched by the training loop so far
+
+    def state_dict(self) -> dict:
+        # Checkpoints are written inside on_train_batch_end, after the batch was processed but
+        # before it counts as completed: the processed count is the next batch to train.
+        return {"next_batch": int(self.position())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.resume_from = int(state["next_batch"])
+
+
+class ShardSampler(Sampler[int]):
+    """Padding-free sharding of an evaluation set: rank k of W gets items k, k + W, k + 2W, ..."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+# ---------------------------------------------------------------------------------- settings
+def check_crop_settings(patch_size: int, batch_size: int, batches_per_epoch: int, num_workers: int, on_bad: str,
+                        overfit_batches: int | None) -> None:
+    """Raise ``ValueError`` naming the ``data.*`` key of the first bad training-stream setting."""
+    for key, value, low in (("patch_size", patch_size, 2), ("batch_size", batch_size, 1),
+                            ("batches_per_epoch", batches_per_epoch, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"data.{key}={value!r} must be an integer >= {low}")
+    if patch_size % 2:
+        raise ValueError(f"data.patch_size={patch_size} must be even (the networks run their trunk at half resolution)")
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"data.on_bad={on_bad!r} must be 'error' or 'skip'")
+    if overfit_batches is not None and overfit_batches < 1:
+        raise ValueError(f"data.overfit_batches={overfit_batches} must be >= 1 or null")
+
+
+# ---------------------------------------------------------------------------------- training
+def scan_training_folder(train_dir: str | None, patch_size: int, on_bad: str) -> list[Path]:
+    """Validate every file of the training folder (before training starts); return its usable images.
+
+    ``train_dir`` None gives ``[]``. Images smaller than ``patch_size`` are bad files.
+    """
+    from cirlab.data.image_files import scan_folder
+
+    if train_dir is None:
+        return []
+    return scan_folder(train_dir, min_size=patch_size, on_bad=on_bad, config_key="data.train_dir")
+
+
+def decode_training_images(paths: Sequence[Path]) -> DecodedImageCache:
+    """Decode the training images into shared memory (once per DataModule; nothing is kept on disk)."""
+    from cirlab.data.image_cache import DecodedImageCache
+
+    images = DecodedImageCache.from_paths(paths)
+    log.info("training images: %d decoded (%.1f MB in shared memory)", len(paths), images.total_bytes / 2**20)
+    return images
+
+
+def rank_and_world(trainer: L.Trainer | None) -> tuple[int, int]:
+    """``(global rank, world size)`` of ``trainer``; ``(0, 1)`` without one."""
+    if trainer is None:
+        return 0, 1
+    return trainer.global_rank, trainer.world_size
+
+
+def _batches(trainer: L.Trainer | None, count: str) -> int:
+    if trainer is None:
+        return 0
+    return getattr(trainer.fit_loop.epoch_loop.batch_progress.total, count)
+
+
+def crop_loader(images, *, patch_size: int, batch_size: int, batches_per_epoch: int, seed: int, num_workers: int,
+                pin_memory: bool, overfit_batches: int | None,
+                trainer: Callable[[], L.Trainer | None]) -> SteppedDataLoader:
+    """The training stream over ``images`` (see the module docstring).
+
+    ``trainer`` returns the current trainer (or None); it is read when the loader is built (rank,
+    world size) and at each epoch start and checkpoint (batches completed / processed so far).
+
+    Raises:
+        RuntimeError: ``images`` is None (no training folder configured).
+    """
+    if images is None:
+        raise RuntimeError("data.train_dir is not set: cannot train without a folder of clean images")
+    rank, world = rank_and_world(trainer())
+    dataset = CropDataset(images, patch_size, seed)
+    batch_sampler = SteppedBatchSampler(batch_size, batches_per_epoch, rank, world,
+                                        lambda: _batches(trainer(), "completed"), repeat=overfit_batches)
+    return SteppedDataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+                             persistent_workers=False, position=lambda: _batches(trainer(), "processed"))
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def shard_loader(dataset: Dataset | None, stage: str, *, trainer: L.Trainer | None, num_workers: int,
+                 pin_memory: bool) -> DataLoader:
+    """Loader of an evaluation set whose items are whole images (``batch_size=None``), sharded over ranks.
+
+    Raises:
+        RuntimeError: ``dataset`` is None (``data.<stage>_dir`` not configured).
+    """
+    if dataset is None:
+        raise RuntimeError(f"data.{stage}_dir is not set: no {stage} set to evaluate on")
+    rank, world = rank_and_world(trainer)
+    return DataLoader(dataset, batch_size=None, sampler=ShardSampler(len(dataset), rank, world),
+                      num_workers=min(num_workers, 1), pin_memory=pin_memory)
