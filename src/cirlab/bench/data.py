@@ -61,7 +61,7 @@ def bench_pairs(
     """Measure relative-ground-truth pairs per second of ``make_pairs``.
 
     All three degradations are enabled with the default sampling configuration (relative GT,
-    p_multiple = p_binary = 0.5, uniform levels on the METHOD.md grids). Each call makes
+    p_multiple = p_binary = 0.5, uniform levels on the docs/method.md grids). Each call makes
     ``batch_size`` pairs (2 * batch_size degraded ``patch x patch`` images) from random clean
     crops in [0, 1]; ``warmup`` calls are discarded, then calls are timed until ``seconds`` have
     elapsed (at least one call). CUDA work is synchronised before the clock is read.
