@@ -19,7 +19,7 @@ from cirlab.cli.restore import main
 from cirlab.derivation import derive
 from cirlab.figures import contact_sheet
 from cirlab.inference import restore, restore_flops
-from cirlab.tasks import parse_tasks
+from cirlab.tasks import level_grid, parse_tasks
 from tasnet_testing import NB, NF, search_state
 
 TASKS = torch.tensor([[0.0, 0.0, 0.0], [0.25, 0.3, 0.0], [1.0, 1.0, 0.0], [0.0, 0.3, 1.0], [1.0, 0.0, 0.24],
@@ -141,6 +141,19 @@ def test_bf16_autocast_on_cpu_is_close_and_returns_float32():
     assert not torch.equal(mixed, exact)  # it did run in bf16
     with pytest.raises(ValueError, match="autocast"):
         restore(net, image, TASKS, autocast="int8")
+
+
+@pytest.mark.parametrize("shared", [1, 2, 3, 5])
+def test_bf16_autocast_with_task_groups_ending_in_different_dtypes(shared):
+    """Under autocast one task group can end in bf16 and another in fp32 (a bias-only map);
+    the result must still be assembled (it raised "Index put requires ... dtypes match")."""
+    tasks = level_grid("cresmd27")
+    for seed in range(4):
+        net = tasnet(shared, seed=seed)
+        image = torch.rand(1, 3, 16, 16)
+        mixed = restore(net, image, tasks, autocast="bf16")
+        assert mixed.dtype == torch.float32
+        assert (mixed - restore(net, image, tasks)).abs().max() < 0.05
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -496,9 +496,9 @@ class SlicedRuntime:
             rows = torch.arange(count, device=tasks.device) if rows is None else rows
             for chunk in rows.split(max_batch or count):
                 result = self.run_specific(prefix, padded, tasks.index_select(0, chunk), sels)
-                if out is None:
-                    out = result.new_empty(count, *result.shape[1:])
-                out[chunk] = result
+                if out is None:  # under autocast groups may end in bf16 or fp32: keep the image's dtype
+                    out = result.new_empty(count, *result.shape[1:], dtype=image.dtype)
+                out[chunk] = result.to(out.dtype)
         return out[..., :height, :width]
 
 
