@@ -9,7 +9,6 @@ from cirlab.config import validate_config
 from conftest import CONFIG_DIR, compose
 
 
-
 def resolve_all(cfg):
     """Resolve every interpolation of the job's config (Hydra's own node has run-time values)."""
     return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]

@@ -9,7 +9,7 @@ from cirlab.archs.cresmd import CResMDNet
 
 
 def reference_state_shapes(nf=64, nb=32, cond_dim=3, nc=3):
-    """Parameter names and shapes of the reference CResMDNet, written from METHOD.md section 2."""
+    """Parameter names and shapes of the reference CResMDNet, written from docs/method.md section 2."""
     shapes = {
         "global_scale.weight": (nc, cond_dim), "global_scale.bias": (nc,),
         "conv_first.weight": (nf, nc, 3, 3), "conv_first.bias": (nf,),

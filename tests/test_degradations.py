@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cirlab.data import degradations as D
+from cirlab.data.degradations import degrade, gaussian_blur, gaussian_kernel1d, jpeg_roundtrip
 from cirlab.tasks import (
     NO_JPEG,
     physical_to_task,
@@ -18,7 +19,6 @@ from cirlab.tasks import (
     task_to_physical_scalar,
     validate_physical,
 )
-from cirlab.data.degradations import degrade, gaussian_blur, gaussian_kernel1d, jpeg_roundtrip
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

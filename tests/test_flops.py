@@ -48,7 +48,7 @@ def tiny_net(seed=0, nf=NF, nb=NB):
 # --------------------------------------------------------------------------- unpruned network
 def test_searchable_maps_reference():
     specs = searchable_maps(32, 64)
-    assert len(specs) == 67  # METHOD.md section 3 [choice]
+    assert len(specs) == 67  # docs/method.md section 3 [choice]
     assert [s.index for s in specs] == list(range(1, 68))
     assert specs[0].module == "conv_first" and specs[0].scale == 0.5
     assert specs[1].module == "recon_trunk.0.conv1" and specs[2].module == "recon_trunk.0.conv2"
@@ -89,7 +89,7 @@ def test_hd_figure_and_the_papers():
     # compare ratios with the paper, never its absolute numbers.
     assert cresmd_flops(64, 32, 720, 1280) == 1_227_040_358_400
     assert cresmd_flops(64, 32, 720, 1280, tasks=27) == 27 * 1_227_040_358_400
-    # The tail that METHOD.md says is ~11% of the cost (upconv + HRconv + conv_last).
+    # The tail that docs/method.md says is ~11% of the cost (upconv + HRconv + conv_last).
     breakdown = cresmd_flops_breakdown(64, 32, 720, 1280)
     tail = breakdown["upconv"] + breakdown["HRconv"] + breakdown["conv_last"]
     assert 0.10 < tail / sum(breakdown.values()) < 0.12

@@ -5,10 +5,10 @@ import torch
 
 from cirlab.data.degradations import jpeg_roundtrip
 from cirlab.data.hyperres import (
+    TASKS,
     LevelDataModule,
     LevelSetDataset,
     LevelSetSpec,
-    TASKS,
     build_level_set,
     degrade_level,
     get_task,

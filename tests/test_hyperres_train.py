@@ -69,8 +69,8 @@ def test_every_hyperres_experiment_runs_one_tiny_step(experiment, tmp_path, shar
 
 
 def test_tiny_denoise_run_writes_per_level_table_and_loadable_checkpoint(tmp_path, shared_cache):
-    from cirlab.checkpoints import load_module
     from cirlab.archs.hyperres import HyperResNet
+    from cirlab.checkpoints import load_module
 
     cfg = run_cfg(tmp_path, shared_cache, "hyperres_denoise", "trainer.max_steps=2")
     metrics = train(cfg)

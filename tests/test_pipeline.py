@@ -57,8 +57,8 @@ def test_every_stage_leaves_its_products(tiny_run):
 
 def test_stages_are_linked(tiny_run):
     """The search starts from the CResMD stage's checkpoint; fine-tuning from the derived network."""
-    from cirlab.checkpoints import load_module
     from cirlab.archs.tasnet import TASNet
+    from cirlab.checkpoints import load_module
 
     _, _, manifest = tiny_run
     products = manifest["products"]

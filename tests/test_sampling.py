@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from cirlab.tasks import NO_JPEG, task_to_physical
 from cirlab.data.sampling import (
     DegradationConfig,
     PairSampler,
@@ -16,6 +15,7 @@ from cirlab.data.sampling import (
     make_pairs,
     sample_beta,
 )
+from cirlab.tasks import NO_JPEG, task_to_physical
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cirlab.tasks import level_grid
 from cirlab.derivation import derive
+from cirlab.tasks import level_grid
 from cirlab.training import train
 from conftest import compose
 from tasnet_testing import NB, NF, search_state
@@ -81,9 +81,8 @@ def test_every_table_experiment_runs_one_tiny_step(experiment, tmp_path, shared_
 def test_finetune_run_tests_on_the_grid_and_leaves_a_self_contained_checkpoint(tmp_path, shared_cache, derived_ckpt):
     import shutil
 
-    from cirlab.checkpoints import load_module
     from cirlab.archs.tasnet import TASNet
-    from cirlab.checkpoints import load_network
+    from cirlab.checkpoints import load_module, load_network
     from cirlab.inference import restore
 
     local = tmp_path / "tasnet.ckpt"
@@ -113,8 +112,8 @@ def test_finetune_run_tests_on_the_grid_and_leaves_a_self_contained_checkpoint(t
 
 
 def test_a_real_search_checkpoint_derives(tmp_path, shared_cache):
-    from cirlab.cli.derive import main
     from cirlab.archs.tasnet import TASNet
+    from cirlab.cli.derive import main
 
     cfg = run_cfg(tmp_path, shared_cache, "tsnet_search_paper", *TINY_NET, "model.net.controller_hidden=8",
                   "model.workload_grid=single", "trainer.max_steps=2")

@@ -1,13 +1,9 @@
-"""``cirlab-derive``: turn a TASNet search checkpoint into a standalone TASNet (METHOD.md section 3).
+"""Turn a TASNet search checkpoint into a standalone TASNet (docs/method.md section 3).
 
-    cirlab-derive --ckpt logs/.../checkpoints/last.ckpt --out derived/ [--grid cresmd27]
-                  [--height 720 --width 1280]
-
-Writes ``derived/tasnet.ckpt`` (:meth:`cirlab.archs.tasnet.TASNet.save`: architecture, weights
-and provenance; ``torch.load(weights_only=True)`` reads it, no pickled objects),
-``derived/architecture.json`` (the architecture plus a readable summary: shared depth, channels
-per map on the workload grid, FLOPs per inference against CResMD) and
-``derived/architecture.png`` (channels per map, as the search draws it).
+:func:`derive_checkpoint` writes ``tasnet.ckpt`` (:meth:`cirlab.archs.tasnet.TASNet.save`:
+architecture, weights and provenance; plain tensors and containers only),
+``architecture.json`` (the architecture plus a readable summary: shared depth, channels per map
+on the workload grid, FLOPs per inference against CResMD) and ``architecture.png``.
 
 Derivation (:func:`derive`), from the search network's stored state:
 
@@ -37,17 +33,14 @@ import torch
 
 from cirlab.archs.tasnet import TASNet
 from cirlab.archs.tasnet_spec import FORMAT, make_architecture
+from cirlab.tasks import HD
 
 log = logging.getLogger(__name__)
-
-HD = (720, 1280)
-
 
 def load_search_net(path: str | Path):
     """The ``TASNetSearchNet`` of a ``TASNetSearch`` checkpoint (network hyper-parameters from
     the checkpoint's ``hyper_parameters.net``; weights and buffers from ``net.*``)."""
     from cirlab.archs.tasnet_search import TASNetSearchNet
-
     from cirlab.checkpoints import net_state_dict, read_checkpoint, resolve_target
 
     path = Path(path)
@@ -131,8 +124,8 @@ def summarize(net: TASNet, grid: str | list = "cresmd27", height: int = HD[0], w
     min/mean/max over the grid's tasks for a controller map), FLOPs per inference (shared prefix
     amortised over the grid) against CResMD's. Same keys as ``TASNetSearch.architecture()``,
     so ``cirlab.figures.architecture_figure`` draws it."""
-    from cirlab.tasks import level_grid
     from cirlab.archs.flops import cresmd_flops
+    from cirlab.tasks import level_grid
 
     tasks = level_grid(grid)
     cost = net.cost(tasks, height, width)
@@ -183,8 +176,7 @@ def derive_checkpoint(search_ckpt: str | Path, out_dir: str | Path, grid: str | 
     if figure:
         import matplotlib.pyplot as plt
 
-        from cirlab.figures import save_figure_atomically
-        from cirlab.figures import architecture_figure
+        from cirlab.figures import architecture_figure, save_figure_atomically
 
         fig = architecture_figure(summary, title="derived TASNet")
         figure_path = out_dir / "architecture.png"

@@ -257,8 +257,8 @@ def _flops_per_task(checkpoints: dict[str, str], height: int = 720, width: int =
     """GFLOPs of each model on each task vector of the 27-point grid at HD, run alone (prefix
     included) and as part of the whole workload (its share, prefix counted once)."""
     from cirlab.bench.cost import flops_split
-    from cirlab.tasks import grid_labels, level_grid
     from cirlab.checkpoints import load_network
+    from cirlab.tasks import grid_labels, level_grid
 
     tasks = level_grid("cresmd27")
     labels = grid_labels(tasks)
@@ -270,9 +270,9 @@ def _flops_per_task(checkpoints: dict[str, str], height: int = 720, width: int =
 
 
 def _run_bench(stage: Stage, spec: dict, cresmd_ckpt: str, tasnet_ckpt: str) -> dict[str, Any]:
+    from cirlab.bench.cost import bench_cost, build_models
     from cirlab.bench.records import write_cost_outputs
     from cirlab.tasks import parse_resolutions
-    from cirlab.bench.cost import bench_cost, build_models
 
     node = spec.get("bench") or {}
     resolutions = parse_resolutions(",".join(str(r) for r in node.get("resolutions", ["180x320"])))

@@ -14,7 +14,7 @@ Convention
   ``ceil(H/2) x ceil(W/2)`` and the full-resolution maps at twice that; the formulas use those
   executed sizes.
 
-Searchable feature maps (METHOD.md section 3, N = 2 * nb + 3, 67 for the reference nb = 32)
+Searchable feature maps (docs/method.md section 3, N = 2 * nb + 3, 67 for the reference nb = 32)
 ----------------------------------------------------------------------------------------
 In forward order, ``n = 1..N`` (map 0 is the input image, ``in_channels`` channels, fixed):
 
@@ -47,7 +47,7 @@ one mask, stored as M equal rows (validated). With ``a_{m,n} = sum_c masks[n-1][
           + B_last * 3 * (a_N if phi_N = 1 else sum_m a_{m,N})          (conv_last)
 
 where ``a_0 = in_channels`` and, for the first task-specific map, ``a_{m,n-1}`` is the shared
-width of map ``n-1`` (the executed network reads the shared map there; METHOD.md's [choice] of
+width of map ``n-1`` (the executed network reads the shared map there; docs/method.md's [choice] of
 computing R1 from the masks actually applied). For a shared map the width is the mean of its
 rows' sums (all equal), so with soft masks the gradient is split evenly over the M rows.
 
@@ -346,7 +346,7 @@ def normalised_flops(
     state: MaskState, nf: int = 64, nb: int = 32, height: int = 720, width: int = 1280,
     in_channels: int = 3, out_channels: int = 3,
 ) -> Tensor:
-    """R1 of METHOD.md: :func:`masked_flops` / :func:`cresmd_flops` for the same M tasks.
+    """R1 of docs/method.md: :func:`masked_flops` / :func:`cresmd_flops` for the same M tasks.
 
     1 for the unpruned, unshared network; 1/M for the unpruned, fully shared one. The result
     has the soft masks' float dtype (float64 for binary masks), so it adds to a loss cleanly.

@@ -1,6 +1,6 @@
 """HyperRes: a hypernetwork that generates a restoration network for any degradation level.
 
-Written from METHOD.md section 5 and the paper (arXiv 2206.05970, section 3). Two plain
+Written from docs/method.md section 5 and the paper (arXiv 2206.05970, section 3). Two plain
 ``nn.Module``s share one topology, the *main network*::
 
     f0 = conv1(x)                                  3x3, stride 2: the trunk runs at (H/2, W/2)
@@ -21,15 +21,15 @@ All convolutions are 3x3 with padding 1 and bias; there is no image-level residu
       theta_j(c) = B_j + sum_d c_d W_j[d]        (a ``Linear(D, out * (in * 9 + 1))``)
 
   D = 1 is the paper (c = level / 255, a scalar); D = 3 is this project's task-vector variant
-  (c = t in [0, 1]^3, METHOD.md section 5 "beyond the paper"). The generated vector's layout is
+  (c = t in [0, 1]^3, docs/method.md section 5 "beyond the paper"). The generated vector's layout is
   the reference's: the first ``out * in * 9`` entries are the weight (out, in, 3, 3), the last
   ``out`` the bias. The reference RGB model (nf 64, nb 16, D = 1) has 2,588,483 parameters.
 
-Initialisation (reference, METHOD.md section 5): every Conv2d and Linear, meta blocks included,
+Initialisation (reference, docs/method.md section 5): every Conv2d and Linear, meta blocks included,
 Kaiming normal (fan_in, a = 0) times 0.1, zero bias. For a meta block fan_in = D, so at
 initialisation the generated trunk weights are ``c * N(0, 0.02 / D)`` (and 0 at c = 0).
 
-Runtime (METHOD.md section 5 [choice]): levels are given per sample.
+Runtime (docs/method.md section 5 [choice]): levels are given per sample.
 
 * All samples at one level: the 2 nb convolutions are generated once (:meth:`HyperResNet.
   trunk_weights`, 2 nb tiny affine maps) and the main network runs with plain convolutions.

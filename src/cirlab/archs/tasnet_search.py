@@ -1,4 +1,4 @@
-"""TASNet's search space over a CResMD supernetwork (TASNet section 3.2, METHOD.md section 3).
+"""TASNet's search space over a CResMD supernetwork (TASNet section 3.2, docs/method.md section 3).
 
 Pieces, each a plain ``nn.Module`` or function:
 
@@ -12,7 +12,7 @@ Pieces, each a plain ``nn.Module`` or function:
   feature maps (``cirlab.archs.flops.searchable_maps``): the mask of map n is g(z^a_n) where
   phi_n = 1 (shared), else g(z^s_{m,n}) per task.
 
-Choices (METHOD.md marks them [choice]; written here next to the code):
+Choices (docs/method.md marks them [choice]; written here next to the code):
 
 * The forward pass uses the EMA value of z^a (stable decisions) while its gradient flows through
   the current batch mean of z^s.

@@ -18,7 +18,6 @@ from cirlab.data import download
 from cirlab.data.download import DEFAULT_DATASETS, DatasetSpec, DownloadError, count_images, download_dataset
 
 
-
 def print_list(root: Path, manifest: dict[str, DatasetSpec]) -> None:
     print(f"datasets (root: {root}; default: {','.join(DEFAULT_DATASETS)})")
     for spec in manifest.values():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cirlab.tasks import HD
 from cirlab.derivation import derive_checkpoint
+from cirlab.tasks import HD
 
 
 def main(argv: list[str] | None = None) -> int:

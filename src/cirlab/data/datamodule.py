@@ -166,6 +166,12 @@ class RestorationDataModule(L.LightningDataModule):
             if spec is not None:
                 self.test_set = EvalSetDataset(build_eval_set(spec, self._eval_cache_dir()))
 
+    def eval_levels(self, stage: str) -> torch.Tensor | None:
+        """Task vectors (G, 3) of the ``"val"`` or ``"test"`` grid, as the set loaded by :meth:`setup`
+        holds them (None before that, or without that set)."""
+        dataset = self.val_set if stage == "val" else self.test_set
+        return None if dataset is None else dataset.levels
+
     # ----------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
         return crop_loader(self.train_images, patch_size=self.patch_size, batch_size=self.batch_size,

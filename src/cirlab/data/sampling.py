@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from cirlab.data.degradations import degrade
 from cirlab.tasks import (
     BLUR_RADIUS_MAX,
     DEGRADATION_TYPES,
@@ -51,7 +52,6 @@ from cirlab.tasks import (
     NOISE_SIGMA_MAX,
     task_to_physical,
 )
-from cirlab.data.degradations import degrade
 
 __all__ = [
     "DegradationConfig",

@@ -42,8 +42,8 @@ class LevelModel:
 
 def load_level_model(spec: str, device: str | torch.device = "cpu") -> LevelModel:
     """``PATH`` or ``NAME=PATH`` of a cirlab HyperRes checkpoint (HyperResNet or a dedicated MainNet)."""
-    from cirlab.checkpoints import load_module
     from cirlab.archs.hyperres import MainNet
+    from cirlab.checkpoints import load_module
 
     name, sep, path = spec.partition("=")
     if not sep:

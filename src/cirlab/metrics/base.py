@@ -9,7 +9,6 @@ mean over the union of their images.
 from __future__ import annotations
 
 from abc import abstractmethod
-
 from typing import Any
 
 import torch

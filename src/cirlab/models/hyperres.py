@@ -1,6 +1,6 @@
 """HyperRes LightningModules: the paper's scalar-level model and the 3-D task-vector variant.
 
-``HyperRes`` (METHOD.md section 5) trains on :class:`~cirlab.data.hyperres.LevelDataModule`
+``HyperRes`` (docs/method.md section 5) trains on :class:`~cirlab.data.hyperres.LevelDataModule`
 batches: each step the hypernetwork generates k main networks, one per training level
 (``batch["levels"]``, k x 1 normalised levels); network i restores ``batch["inputs"][i]``, the
 batch's clean crops degraded at level i; the loss is the mean of the k L1 losses (the

@@ -150,13 +150,15 @@ class RestorationModule(L.LightningModule):
         self.test_ssim = GroupedMean(test_points)
 
     def setup(self, stage: str) -> None:
-        """Size the per-grid-point metrics from the DataModule's evaluation grids."""
+        """Size the per-grid-point metrics from the grids of the evaluation sets the DataModule
+        loaded (``eval_levels``); CResMD's 27 points where it has none."""
         from cirlab.tasks import grid_labels, level_grid
 
         datamodule = getattr(self.trainer, "datamodule", None)
-        val_grid = getattr(datamodule, "val_spec", ("cresmd27",))[0]
-        test_grid = getattr(datamodule, "test_spec", ("cresmd27",))[0]
-        val_levels, test_levels = level_grid(val_grid), level_grid(test_grid)
+        eval_levels = getattr(datamodule, "eval_levels", lambda stage: None)
+        val_levels, test_levels = eval_levels("val"), eval_levels("test")
+        val_levels = level_grid("cresmd27") if val_levels is None else val_levels.float().cpu()
+        test_levels = level_grid("cresmd27") if test_levels is None else test_levels.float().cpu()
         self._make_grid_metrics(len(val_levels), len(test_levels))
         self.grid_labels = grid_labels(test_levels)
         self.val_levels, self.test_levels = val_levels, test_levels

@@ -1,4 +1,4 @@
-"""``TASNetFinetune``: train a TASNet of fixed architecture (METHOD.md section 3, "Derivation and
+"""``TASNetFinetune``: train a TASNet of fixed architecture (docs/method.md section 3, "Derivation and
 fine-tuning") with the base module's L1 loss, optimiser, schedule and 27-grid evaluation.
 
 Two ways to get the network:
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
 
 from cirlab.models.restoration import RestorationModule, check_plain_config
 from cirlab.tasks import HD
@@ -98,7 +97,6 @@ class TASNetFinetune(RestorationModule):
     def _load_cresmd(self, path: str) -> None:
         from cirlab.archs.cresmd import CResMDNet
         from cirlab.archs.tasnet import TASNet
-
         from cirlab.checkpoints import net_state_dict, read_checkpoint
 
         weights = net_state_dict(read_checkpoint(path, key="model.init_ckpt"), path=path, key="model.init_ckpt")

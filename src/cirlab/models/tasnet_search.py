@@ -3,7 +3,7 @@
 Objective (eq. 8): ``L1 + lambda1 * R1 + lambda2 * R2`` where R1 is the FLOPs of the
 architecture as executed with the applied masks for the batch's M tasks (shared prefix once,
 task-specific part once per task), divided by the unpruned CResMD's FLOPs for the same M tasks,
-and R2 the disagreement of eq. 10 divided by M * sum_n C_n (METHOD.md section 3, [choice]:
+and R2 the disagreement of eq. 10 divided by M * sum_n C_n (docs/method.md section 3, [choice]:
 both normalisations make lambda values scale-free).
 
 Network weights (and the shared blocks' task-agnostic scales) and the controllers are two
@@ -106,8 +106,8 @@ class TASNetSearch(RestorationModule):
     @torch.no_grad()
     def architecture(self, height: int = HD[0], width: int = HD[1]) -> dict:
         """The current architecture on the workload grid: per-map channels, eta, FLOPs."""
-        from cirlab.tasks import level_grid
         from cirlab.archs.flops import MaskState, cresmd_flops, masked_flops, searchable_maps
+        from cirlab.tasks import level_grid
 
         net = self.net
         tasks = level_grid(self.hparams.workload_grid).to(self.device)
