@@ -6,11 +6,14 @@ Pieces, each a plain ``nn.Module`` or function:
   through ``sigmoid(z)``.
 * ``ChannelController``: the controller h_n (eq. 4), a small MLP from the task vector to one
   importance z^s per channel of feature map n.
-* ``SharingState``: the task-agnostic importance z^a (eq. 5) as an exponential moving average,
-  the agreement test eta (eq. 6, threshold gamma) and the recursive sharing decision phi (eq. 7).
+* ``agreement`` (eq. 6, threshold gamma) and ``sharing_decision`` (eq. 7): eta and phi from the
+  task-specific and task-agnostic gates.
+* ``disagreement``: R2 of eq. 10.
 * ``TASNetSearchNet``: CResMD with a channel mask on each of its N = 2 nb + 3 searchable
   feature maps (``cirlab.archs.flops.searchable_maps``): the mask of map n is g(z^a_n) where
-  phi_n = 1 (shared), else g(z^s_{m,n}) per task.
+  phi_n = 1 (shared), else g(z^s_{m,n}) per task. It keeps the task-agnostic importance z^a
+  (eq. 5) as an exponential moving average in the buffer ``z_agnostic``, and eta and phi as
+  buffers.
 
 Choices (docs/method.md marks them [choice]; written here next to the code):
 

@@ -73,7 +73,7 @@ SEARCH_SIZES = {"tiny": (8, 2), "small": (32, 8), "full": (64, 32)}
 
 
 def run_search_step(args: argparse.Namespace) -> int:
-    from cirlab.bench.search import bench_search_step
+    from cirlab.bench.search_step import bench_search_step
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
