@@ -13,7 +13,7 @@ channels each keeps) and executed by its :class:`~cirlab.archs.tasnet_runtime.Sl
   outputs not clamped. Channel decisions are taken in float32 with autocast off.
 * Checkpoint (:meth:`TASNet.save` / :meth:`TASNet.load`): ``{"format": "cirlab.tasnet",
   "version", "architecture", "state_dict", "meta"}``, plain containers and tensors
-  (``torch.load(weights_only=True)`` reads it), loadable without the search code.
+  (read with ``weights_only`` through :mod:`cirlab.checkpoints`), loadable without the search code.
 * Costs (:meth:`TASNet.flops`, :meth:`TASNet.cost`): analytic convolution FLOPs of
   :meth:`TASNet.restore`, convention of :mod:`cirlab.archs.flops` (2 FLOPs per MAC, shared
   prefix once).
