@@ -36,6 +36,23 @@ class PerTaskResult:
         if self.levels is not None and tuple(self.levels.shape) != (len(self.labels), 3):
             raise ValueError(f"levels of shape {tuple(self.levels.shape)} for {len(self.labels)} grid points")
 
+    def write_json(self, path: Path) -> Path:
+        """The result as JSON (labels, values, task vectors), atomically."""
+        from cirlab.utils.run import write_json_atomically
+
+        levels = None if self.levels is None else self.levels.tolist()
+        write_json_atomically(Path(path), {"labels": self.labels, "values": self.values, "levels": levels})
+        return Path(path)
+
+    @classmethod
+    def read_json(cls, path: Path) -> PerTaskResult:
+        """A result written by :meth:`write_json`."""
+        import json
+
+        data = json.loads(Path(path).read_text())
+        levels = None if data.get("levels") is None else torch.tensor(data["levels"], dtype=torch.float32)
+        return cls(labels=list(data["labels"]), values={k: list(v) for k, v in data["values"].items()}, levels=levels)
+
     def rows(self) -> list[dict]:
         """One dict per point: ``label``, the physical levels ``r``, ``sigma``, ``q`` as text
         (empty without task vectors; ``q`` is ``none`` for no JPEG) and every metric."""

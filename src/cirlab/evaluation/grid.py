@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from cirlab.checkpoints import load_module
 from cirlab.config import validate_config
-from cirlab.reports import PerTaskResult, write_grid_tables
+from cirlab.reports import PerTaskResult
 from cirlab.utils.run import instantiate_loggers, metrics_to_floats, write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GridEvaluation:
-    """``metrics``: every logged value (``test/psnr``, ``test_grid/...``); ``per_task``: the grid's table."""
+    """``metrics``: every logged value (``test/psnr``, ``test_grid/...``); ``per_task``: the grid's
+    table (on global rank 0; None on the other ranks)."""
 
     metrics: dict[str, float]
-    per_task: PerTaskResult
+    per_task: PerTaskResult | None
 
 
 def evaluate(cfg: DictConfig) -> GridEvaluation:
@@ -43,12 +44,11 @@ def evaluate(cfg: DictConfig) -> GridEvaluation:
                                                  enable_checkpointing=False)
     trainer.test(model=model, datamodule=datamodule, verbose=False)
     metrics = metrics_to_floats(trainer.callback_metrics)
-    per_task = model.per_task_result()
-    if trainer.is_global_zero:
-        out_dir = Path(cfg.paths.output_dir)
-        paths = write_grid_tables(per_task, metrics, out_dir, stage="test")
+    out_dir = Path(trainer.default_root_dir)
+    per_task = None
+    if trainer.is_global_zero:  # the module's rank 0 wrote the tables where it tested
+        per_task = PerTaskResult.read_json(out_dir / "test_per_task.json")
         write_json_atomically(out_dir / "metrics.json", {"ckpt_path": str(cfg.ckpt_path), **metrics})
-        log.info("tables: %s", ", ".join(str(p) for p in paths))
-        if paths:
-            log.info("test averages:\n%s", paths[-1].read_text())
+        log.info("tables: %s", ", ".join(str(p) for p in sorted(out_dir.glob("test_*.*"))))
+        log.info("test averages:\n%s", (out_dir / "test_average.md").read_text())
     return GridEvaluation(metrics, per_task)

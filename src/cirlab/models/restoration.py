@@ -19,6 +19,7 @@ hyper-parameters, so checkpoints load with ``weights_only=True`` and hold no pic
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -168,21 +169,34 @@ class RestorationModule(L.LightningModule):
                                  "psnr_input": self.test_psnr_input.compute().cpu()}
         psnr, ssim = self._last_test_table["psnr"], self._last_test_table["ssim"]
         tasks = self._task_points(getattr(self, "test_levels", None), len(psnr))
-        self.log("test/psnr", psnr[tasks].nanmean().float(), sync_dist=True)
-        self.log("test/ssim", ssim[tasks].nanmean().float(), sync_dist=True)
-        self.log("test/psnr_all_points", psnr.nanmean().float(), sync_dist=True)
+        averages = {"test/psnr": psnr[tasks].nanmean().float(), "test/ssim": ssim[tasks].nanmean().float(),
+                    "test/psnr_all_points": psnr.nanmean().float()}
         labels = getattr(self, "grid_labels", None) or [f"point{i}" for i in range(len(self._last_test_table["psnr"]))]
         for name, values in self._last_test_table.items():
             for label, value in zip(labels, values.tolist()):
                 self.log(f"test_grid/{name}/{label}", float(value), sync_dist=True)
         if self.test_iqa:
-            self.log("test/niqe", self.test_niqe.compute().float(), sync_dist=True)
-            self.log("test/brisque", self.test_brisque.compute().float(), sync_dist=True)
+            averages["test/niqe"] = self.test_niqe.compute().float()
+            averages["test/brisque"] = self.test_brisque.compute().float()
             self.test_niqe.reset()
             self.test_brisque.reset()
+        for key, value in averages.items():
+            self.log(key, value, sync_dist=True)
         self.test_psnr.reset()
         self.test_psnr_input.reset()
         self.test_ssim.reset()
+        if self._trainer is not None and self.trainer.is_global_zero:
+            self.write_test_tables({k: float(v) for k, v in averages.items()})
+
+    def write_test_tables(self, averages: dict[str, float]) -> list:
+        """``test_per_task.md/.csv/.json`` and ``test_average.md`` in the trainer's root directory (the
+        run directory), written where the test ran, so a spawned or remote rank 0 leaves them too."""
+        from cirlab.reports import write_grid_tables
+
+        root = Path(self.trainer.default_root_dir)
+        result = self.per_task_result()
+        result.write_json(root / "test_per_task.json")
+        return write_grid_tables(result, averages, root, stage="test")
 
     def per_task_table(self) -> dict[str, torch.Tensor]:
         """Per-grid-point means ``{"psnr", "ssim", "psnr_input"}`` (each (G,)) of the last test run."""
