@@ -123,13 +123,15 @@ def test_torchmetrics_convention_matches_skimage(noisy_cbsd68) -> None:
         assert ours == pytest.approx(ref_plain, abs=1e-2)
 
 
-@pytest.mark.parametrize(("channel", "crop_border"), [("rgb", 0), ("y", 0), ("y", 4)])
+@pytest.mark.parametrize(("channel", "crop_border"), [("rgb", 0), ("y", 0), ("y", 4), ("y_rounded", 0)])
 def test_paper_convention_matches_skimage(noisy_cbsd68, channel: str, crop_border: int) -> None:
     for pred, target in noisy_cbsd68:
         p, t = np_uint8(to_numpy(pred)), np_uint8(to_numpy(target))
-        if channel == "y":
+        if channel != "rgb":
             p = rgb2ycbcr(p.astype(np.uint8))[..., 0]
             t = rgb2ycbcr(t.astype(np.uint8))[..., 0]
+        if channel == "y_rounded":  # MATLAB's rgb2ycbcr returns uint8 for uint8 input
+            p, t = np.round(p), np.round(t)
         if crop_border:
             p = p[crop_border:-crop_border, crop_border:-crop_border]
             t = t[crop_border:-crop_border, crop_border:-crop_border]
@@ -195,6 +197,8 @@ def test_input_validation(astronaut) -> None:
         paper_ssim(astronaut[0], astronaut[0])
     with pytest.raises(ValueError, match="3 channels"):
         paper_psnr(grey, grey, channel="y")
+    with pytest.raises(ValueError, match="y_rounded"):
+        paper_psnr(astronaut, astronaut, channel="Y")
     with pytest.raises(ValueError, match="3 channels"):
         rgb_to_y_bt601(grey)
     with pytest.raises(ValueError, match="channel"):
@@ -373,3 +377,19 @@ def test_iqa_input_validation(offline_torch_home, iqa_dir: Path) -> None:
 def test_import_does_not_load_pyiqa() -> None:
     code = "import sys, cirlab.metrics; assert 'pyiqa' not in sys.modules, 'pyiqa imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_niqe_and_brisque_average_the_same_grid_points_as_psnr(offline_torch_home, iqa_dir: Path) -> None:
+    """The clean grid point (t = 0, an identity check) is out of test/psnr, so out of NIQE/BRISQUE too."""
+    from cirlab.models.cresmd import CResMD
+
+    module = CResMD(net={"_target_": "cirlab.archs.cresmd.CResMDNet", "nf": 8, "nb": 1},
+                    optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
+                    test_iqa=True, iqa_weights_dir=str(iqa_dir))
+    module.test_levels = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.25, 0.0, 0.0]])
+    output = torch.rand(3, 3, 128, 128)
+    module.update_iqa(output, torch.tensor([0, 1, 2]))
+    assert int(module.test_niqe.count) == int(module.test_brisque.count) == 2
+    expected = NIQE(weights_dir=iqa_dir)
+    expected.update(output[1:])
+    assert torch.allclose(module.test_niqe.compute(), expected.compute())

@@ -45,7 +45,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--data", help="folder of clean test images (default: <data-root>/<task's test set>)")
     parser.add_argument("--data-root", default="data", help="default: data")
     parser.add_argument("--levels", help="'5:90:5' (inclusive) or '5,10,20'; default: the task's sweep")
-    parser.add_argument("--channel", choices=("rgb", "y"), help="default: rgb for denoise, y for dejpeg and sr")
+    parser.add_argument("--channel", choices=("rgb", "y", "y_rounded"),
+                        help="default: rgb for denoise, y_rounded (Y rounded as MATLAB on uint8) for dejpeg and sr")
     parser.add_argument("--max-images", type=int)
     parser.add_argument("--crop", type=int, help="centre crop (pixels) of each image; default: whole images")
     parser.add_argument("--seed", type=int, default=0)

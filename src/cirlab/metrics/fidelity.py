@@ -19,7 +19,9 @@ valid-window convention below).
    (:func:`~cirlab.metrics.conventions.quantize_uint8`); ``uint8`` input is used as is;
 2. ``channel="rgb"`` (default): all channels; ``channel="y"``: BT.601 luma as MATLAB
    ``rgb2ycbcr`` (``Y = 16 + 65.481 R + 128.553 G + 24.966 B``, Y in [16, 235], kept unrounded
-   as BasicSR does), see :func:`~cirlab.metrics.conventions.rgb_to_y_bt601`;
+   as BasicSR does); ``channel="y_rounded"``: the same Y rounded to integers, as MATLAB's
+   ``rgb2ycbcr`` returns it for uint8 images (the HyperRes reference's Y tables; 0.01-0.05 dB
+   from ``"y"``), see :func:`~cirlab.metrics.conventions.rgb_to_y_bt601`;
 3. ``crop_border`` pixels removed from each edge (default 0: whole image);
 4. float64 on the 0..255 scale, ``data_range = 255``.
    PSNR = ``10 log10(255^2 / MSE)`` with the MSE over all pixels and channels of one image
@@ -47,7 +49,8 @@ from cirlab.metrics.conventions import check_pair, quantize_uint8, rgb_to_y_bt60
 
 __all__ = ["paper_psnr", "paper_ssim", "psnr_per_image", "ssim_per_image"]
 
-Channel = Literal["rgb", "y"]
+Channel = Literal["rgb", "y", "y_rounded"]
+CHANNELS = ("rgb", "y", "y_rounded")
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -103,11 +106,11 @@ def ssim_per_image(pred: Tensor, target: Tensor) -> Tensor:
 def _paper_prepare(pred: Tensor, target: Tensor, channel: str, crop_border: int) -> tuple[Tensor, Tensor]:
     """Quantise, optionally take Y, crop; return float64 tensors on the 0..255 scale."""
     check_pair(pred, target)
-    if channel not in ("rgb", "y"):
-        raise ValueError(f'channel must be "rgb" or "y", got {channel!r}')
-    if channel == "y" and pred.shape[1] != 3:
+    if channel not in CHANNELS:
+        raise ValueError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
+    if channel != "rgb" and pred.shape[1] != 3:
         raise ValueError(
-            f'channel="y" needs RGB input with 3 channels; got {pred.shape[1]} channels '
+            f'channel="{channel}" needs RGB input with 3 channels; got {pred.shape[1]} channels '
             f'(shape {tuple(pred.shape)}); use channel="rgb" for grey images'
         )
     if not isinstance(crop_border, int) or crop_border < 0:
@@ -118,8 +121,8 @@ def _paper_prepare(pred: Tensor, target: Tensor, channel: str, crop_border: int)
     out = []
     for x in (pred, target):
         x = quantize_uint8(x).to(torch.float64)
-        if channel == "y":
-            x = rgb_to_y_bt601(x, data_range=255.0)
+        if channel != "rgb":
+            x = rgb_to_y_bt601(x, data_range=255.0, round_output=channel == "y_rounded")
         if crop_border:
             x = x[..., crop_border:-crop_border, crop_border:-crop_border]
         out.append(x)
@@ -131,7 +134,8 @@ def paper_psnr(pred: Tensor, target: Tensor, channel: Channel = "rgb", crop_bord
 
     Args:
         pred, target: ``(B, C, H, W)``, float in ``[0, 1]`` (clamped, quantised to uint8) or uint8.
-        channel: ``"rgb"`` (all channels) or ``"y"`` (BT.601 luma; needs C = 3).
+        channel: ``"rgb"`` (all channels), ``"y"`` (BT.601 luma; needs C = 3) or ``"y_rounded"``
+            (that luma rounded to integers, as MATLAB on uint8 images).
         crop_border: pixels removed from each edge before measuring.
 
     Returns:
@@ -161,7 +165,8 @@ def paper_ssim(pred: Tensor, target: Tensor, channel: Channel = "rgb", crop_bord
 
     Args:
         pred, target: ``(B, C, H, W)``, float in ``[0, 1]`` (clamped, quantised to uint8) or uint8.
-        channel: ``"rgb"`` (SSIM per channel, then the mean over channels) or ``"y"`` (BT.601 luma).
+        channel: ``"rgb"`` (SSIM per channel, then the mean over channels), ``"y"`` (BT.601 luma)
+            or ``"y_rounded"`` (rounded luma).
         crop_border: pixels removed from each edge before measuring.
 
     Returns:

@@ -140,6 +140,16 @@ class RestorationModule(L.LightningModule):
         self.test_psnr_input.update(paper_psnr(batch["input"], batch["target"]).clamp(max=PSNR_CAP_DB), batch["grid_index"])
         self.test_ssim.update(paper_ssim(output, batch["target"]), batch["grid_index"])
         if self.test_iqa:
+            self.update_iqa(output, batch["grid_index"])
+
+    def update_iqa(self, output: torch.Tensor, grid_index: torch.Tensor) -> None:
+        """NIQE/BRISQUE of the outputs at restoration tasks only: the points ``test/psnr`` averages
+        (the clean point, whose output is an identity check, stays out; all points without a grid)."""
+        levels = getattr(self, "test_levels", None)
+        if levels is not None:
+            keep = self._task_points(levels, len(levels)).to(grid_index.device)[grid_index]
+            output = output[keep]
+        if len(output):
             self.test_niqe.update(output)
             self.test_brisque.update(output)
 
