@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import sys
+import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -186,55 +189,156 @@ def test_noise_field_argument_is_used() -> None:
 # ------------------------------------------------------------------------------------ JPEG
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_jpeg_matches_torchvision_per_sample_and_pillow() -> None:
-    from torchvision.io import decode_jpeg, encode_jpeg
+JPEG_QUALITIES = [10, 30, 50, 80]
 
-    clean = _natural_crops(4, 64)
-    qualities = [10, 50, NO_JPEG, 95]
+
+def _pillow_roundtrip(u8: torch.Tensor, quality: int, subsampling: int = -1) -> torch.Tensor:
+    """Pillow's JPEG encode (libjpeg defaults unless ``subsampling`` is given) + decode of a (3, H, W) uint8."""
+    from PIL import Image, JpegImagePlugin
+
+    buf = io.BytesIO()
+    Image.fromarray(u8.permute(1, 2, 0).numpy()).save(
+        buf, format="JPEG", quality=quality, subsampling=subsampling
+    )
+    decoded = Image.open(io.BytesIO(buf.getvalue()))
+    # Pillow's default is libjpeg's: 4:2:0 (sampling 2); 4:4:4 is sampling 0
+    assert JpegImagePlugin.get_sampling(decoded) == (2 if subsampling == -1 else subsampling)
+    return torch.from_numpy(np.array(decoded.convert("RGB"))).permute(2, 0, 1)
+
+
+def _noisy_u8(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Photo crops with noise (hard content for the codec), uint8 (n, 3, h, w)."""
+    g = torch.Generator().manual_seed(seed)
+    base = _natural_crops(n, max(h, w))[:, :, :h, :w]
+    noisy = base + 25 / 255 * torch.randn(base.shape, generator=g)
+    return (noisy * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _jpeg_levels(qualities: list[int]) -> torch.Tensor:
     t_jpeg = [0.0 if q == NO_JPEG else (102 - q) / 92 for q in qualities]
-    levels = torch.tensor([[0.0, 0.0, t] for t in t_jpeg])
-    out = degrade(clean, levels)
+    return torch.tensor([[0.0, 0.0, t] for t in t_jpeg])
+
+
+def test_degrade_jpeg_is_byte_identical_to_pillow_420() -> None:
+    """The JPEG step is libjpeg's baseline 4:2:0: the whole decoded image equals Pillow's."""
+    clean = _natural_crops(6, 64)
+    qualities = JPEG_QUALITIES + [NO_JPEG, 95]
+    out = degrade(clean, _jpeg_levels(qualities))
     u8 = (clean * 255).round().to(torch.uint8)
     for i, q in enumerate(qualities):
         if q == NO_JPEG:
             assert torch.equal(out[i], clean[i])
             continue
-        ref = decode_jpeg(encode_jpeg(u8[i].contiguous(), quality=q)).float() / 255
-        assert torch.equal(out[i], ref), (
-            f"sample {i} (q={q}) differs from torchvision's codec"
-        )
-        assert not torch.equal(out[i], clean[i])
-    assert _psnr(out[0], clean[0]) < _psnr(out[3], clean[3])  # q=10 worse than q=95
+        ref = _pillow_roundtrip(u8[i], q)
+        assert torch.equal(out[i], ref.float() / 255), f"sample {i} (q={q}) differs from Pillow's 4:2:0 JPEG"
+        # the reference discriminates: Pillow's 4:4:4 output is another image
+        assert not torch.equal(out[i], _pillow_roundtrip(u8[i], q, subsampling=0).float() / 255)
+    assert _psnr(out[0], clean[0]) < _psnr(out[5], clean[5])  # q=10 worse than q=95
 
-    pil = pytest.importorskip("PIL.Image")
-    for i, q in enumerate(qualities):
-        if q == NO_JPEG:
-            continue
-        buf = io.BytesIO()
-        pil.fromarray(u8[i].permute(1, 2, 0).numpy()).save(
-            buf, format="JPEG", quality=q
-        )
-        dec = torch.from_numpy(
-            np.array(pil.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-        ).permute(2, 0, 1)
-        assert _psnr(out[i], dec.float() / 255) > 30.0, (
-            f"q={q}: torchvision and Pillow decodes disagree"
-        )
+
+@pytest.mark.parametrize("size", [(64, 64), (37, 50)])
+def test_jpeg_roundtrip_is_byte_identical_to_pillow(size: tuple[int, int]) -> None:
+    """Noisy content, whole images, one quality per sample; odd sizes cover partial 4:2:0 blocks."""
+    u8 = _noisy_u8(len(JPEG_QUALITIES), *size)
+    out = jpeg_roundtrip(u8, torch.tensor(JPEG_QUALITIES))
+    for i, q in enumerate(JPEG_QUALITIES):
+        assert torch.equal(out[i], _pillow_roundtrip(u8[i], q)), f"q={q}, size {size}"
+    # a scalar quality applies to every sample
+    scalar = jpeg_roundtrip(u8, 30)
+    for i in range(len(JPEG_QUALITIES)):
+        assert torch.equal(scalar[i], _pillow_roundtrip(u8[i], 30))
+
+
+def _torchvision_deprecates_codecs() -> bool:
+    import torchvision
+
+    major, minor = (int(v) for v in torchvision.__version__.split(".")[:2])
+    return (major, minor) >= (0, 29)
+
+
+def test_jpeg_codec_is_torchcodec_without_deprecation_warnings() -> None:
+    pytest.importorskip("torchcodec")
+    assert D.jpeg_codec()[0] == "torchcodec"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jpeg_roundtrip(_noisy_u8(2, 32, 32), [30, 80])
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)], [
+        str(w.message) for w in caught
+    ]
+
+
+def test_torchvision_fallback_codec_matches_pillow() -> None:
+    """The fallback (torchvision.io's CPU libjpeg) gives the same bytes; its deprecation is not hidden."""
+    u8 = _noisy_u8(len(JPEG_QUALITIES), 40, 56)
+    for i, q in enumerate(JPEG_QUALITIES):
+        deprecated = _torchvision_deprecates_codecs()
+        with pytest.warns(DeprecationWarning, match="TorchCodec") if deprecated else nullcontext():
+            out = D._roundtrip_torchvision(u8[i], q)
+        assert torch.equal(out, _pillow_roundtrip(u8[i], q)), f"q={q}"
+
+
+def test_jpeg_codec_falls_back_with_a_warning_when_torchcodec_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # torchcodec not importable (a None entry in sys.modules makes `import` raise ImportError)
+    monkeypatch.setitem(sys.modules, "torchcodec.encoders", None)
+    monkeypatch.setattr(D, "_CODEC", None)
+    with pytest.warns(RuntimeWarning, match="falling back to torchvision"):
+        name, _ = D.jpeg_codec()
+    assert name == "torchvision"
+    u8 = _noisy_u8(1, 32, 32)
+    with pytest.warns(DeprecationWarning) if _torchvision_deprecates_codecs() else nullcontext():
+        out = jpeg_roundtrip(u8, 50)
+    assert torch.equal(out[0], _pillow_roundtrip(u8[0], 50))
 
 
 def test_jpeg_roundtrip_direct_and_validation() -> None:
     u8 = (_natural_crops(2, 32) * 255).round().to(torch.uint8)
     same = jpeg_roundtrip(u8, torch.tensor([NO_JPEG, NO_JPEG]))
-    assert torch.equal(same, u8)
-    out = jpeg_roundtrip(u8, [30, 30])
-    assert (
-        out.dtype == torch.uint8 and out.shape == u8.shape and not torch.equal(out, u8)
-    )
-    with pytest.raises(ValueError, match="quality"):
+    assert same is u8
+    out = jpeg_roundtrip(u8, [30, NO_JPEG])
+    assert out.dtype == torch.uint8 and out.shape == u8.shape
+    assert not torch.equal(out[0], u8[0]) and torch.equal(out[1], u8[1])
+    assert torch.equal(u8, (_natural_crops(2, 32) * 255).round().to(torch.uint8))  # input untouched
+    with pytest.raises(ValueError, match=r"quality\[0\]=5\.0"):
         jpeg_roundtrip(u8, [5, 30])
+    with pytest.raises(ValueError, match=r"quality\[1\]=30\.5"):
+        jpeg_roundtrip(u8, [30, 30.5])
+    with pytest.raises(ValueError, match=r"quality must be a scalar or have shape \(2,\)"):
+        jpeg_roundtrip(u8, [30, 30, 30])
     with pytest.raises(ValueError, match="uint8"):
         jpeg_roundtrip(u8.float(), [30, 30])
+    with pytest.raises(TypeError, match="images must be a torch.Tensor"):
+        jpeg_roundtrip(u8.numpy(), [30, 30])
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device: this test checks that degrade() of a CUDA batch equals the CPU result "
+    "byte for byte (libjpeg 4:2:0 through host memory, not nvJPEG's 4:4:4)",
+)
+def test_degrade_of_cuda_batch_equals_cpu_exactly() -> None:
+    qualities = JPEG_QUALITIES + [NO_JPEG, 95]
+    clean = _natural_crops(len(qualities), 64)
+    levels = _jpeg_levels(qualities)
+    cpu = degrade(clean, levels)
+    for dtype in (torch.float32, torch.float64):
+        gpu = degrade(clean.to("cuda", dtype), levels.cuda())
+        assert gpu.device.type == "cuda" and gpu.dtype == dtype
+        levels_gpu = (gpu.cpu().double() * 255).round().to(torch.uint8)
+        assert torch.equal(levels_gpu, (cpu.double() * 255).round().to(torch.uint8)), (
+            f"{dtype}: CUDA JPEG differs from the CPU's"
+        )
+    half = degrade(clean.to("cuda", torch.float16), levels.cuda())
+    assert half.dtype == torch.float16 and half.device.type == "cuda"
+    # every sample compressed (no gather/scatter) and noisy content, odd size, quality on the CPU
+    u8 = _noisy_u8(len(JPEG_QUALITIES), 37, 50)
+    q = torch.tensor(JPEG_QUALITIES)
+    on_gpu = jpeg_roundtrip(u8.cuda(), q)
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8
+    assert torch.equal(on_gpu.cpu(), jpeg_roundtrip(u8, q))
+    for i, qv in enumerate(JPEG_QUALITIES):
+        assert torch.equal(on_gpu[i].cpu(), _pillow_roundtrip(u8[i], qv))
 
 
 # ----------------------------------------------------------------------- task <-> physical

@@ -1,7 +1,13 @@
-"""Throughput of the training-pair pipeline (:func:`cirlab.data.sampling.make_pairs`)."""
+"""Throughput of the training-pair pipeline (:func:`cirlab.data.sampling.make_pairs`).
+
+CPU figures from shared machines are compared after scaling to a reference CPU speed:
+:func:`matmul_gflops` measures the machine's fp32 matmul rate next to the pipeline figure, and
+:func:`scaled_to_reference` rescales a rate to :data:`REFERENCE_GFLOPS`.
+"""
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +21,56 @@ from cirlab.data.sampling import (
     make_pairs,
 )
 
-__all__ = ["bench_pairs"]
+__all__ = ["REFERENCE_GFLOPS", "bench_pairs", "bench_pipeline", "matmul_gflops", "scaled_to_reference"]
+
+#: The matmul rate (fp32 2048x2048, 2 threads, GFLOP/s) CPU throughput figures are scaled to.
+REFERENCE_GFLOPS: float = 120.0
+
+
+def matmul_gflops(threads: int = 2, n: int = 2048, repeats: int = 7, seed: int = 0) -> dict[str, float | int]:
+    """The CPU's fp32 matrix-product rate right now: ``repeats`` timed ``a @ b`` of ``n x n`` matrices.
+
+    torch's intra-op thread count is set to ``threads`` for the measurement and restored
+    afterwards. One untimed product warms up; each timed product counts ``2 n^3`` FLOPs.
+    On a shared machine the median tracks the CPU share a benchmark run next to it got; the best
+    run is the machine's speed when it was least disturbed.
+
+    Returns:
+        dict with ``gflops_median``, ``gflops_best``, ``gflops_worst`` (GFLOP/s), ``threads``,
+        ``n``, ``repeats``.
+    """
+    if threads < 1 or n < 1 or repeats < 1:
+        raise ValueError(f"threads={threads}, n={n} and repeats={repeats} must all be >= 1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        a = torch.randn(n, n, generator=gen)
+        b = torch.randn(n, n, generator=gen)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    flops = 2.0 * n**3
+    return {
+        "gflops_median": flops / statistics.median(times) / 1e9,
+        "gflops_best": flops / min(times) / 1e9,
+        "gflops_worst": flops / max(times) / 1e9,
+        "threads": threads,
+        "n": n,
+        "repeats": repeats,
+    }
+
+
+def scaled_to_reference(rate: float, gflops: float, reference: float = REFERENCE_GFLOPS) -> float:
+    """``rate`` measured on a CPU doing ``gflops`` GFLOP/s, rescaled to one doing ``reference``."""
+    if not gflops > 0:
+        raise ValueError(f"gflops={gflops} must be > 0")
+    return rate * reference / gflops
 
 
 def _run(

@@ -1,7 +1,8 @@
 """Batched synthetic degradations: Gaussian blur -> Gaussian noise (+ uint8 rounding) -> JPEG.
 
 This is CResMD's reference pipeline (docs/method.md section 1, [fact] items), applied to a batch
-with one level per sample, on whatever device the batch lives on (CPU or CUDA).
+with one level per sample, on whatever device the batch lives on (CPU or CUDA); the JPEG step
+always runs on the CPU (below), so the output does not depend on the device.
 
 Conventions used throughout the module
 --------------------------------------
@@ -17,8 +18,10 @@ Pipeline (:func:`degrade`)
     2. noise ``x <- x + sigma / 255 * n`` with ``n`` a standard-normal field, then **always**
        ``x <- clip(round(255 x), 0, 255)`` (uint8, the rounding of
        :func:`~cirlab.metrics.conventions.quantize_uint8`), even where ``sigma = 0``;
-    3. JPEG encode + decode at quality ``q`` with torchvision's real codec (libjpeg on CPU,
-       nvjpeg on CUDA), skipped for samples with ``q = NO_JPEG``.
+    3. JPEG encode + decode at quality ``q`` with libjpeg on the CPU (baseline, 4:2:0 chroma,
+       TorchCodec's ``JpegEncoder``/``decode_jpeg``; :func:`jpeg_roundtrip`), skipped for samples
+       with ``q = NO_JPEG``. A CUDA batch goes through pinned host memory for this step and comes
+       back to its device; nvJPEG is not used (its encoder is fixed to 4:4:4 chroma).
 
 Blur implementation choice
     On CPU the separable 21-tap filter is applied as two batched matrix products with banded
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -56,6 +59,7 @@ __all__ = [
     "degrade",
     "gaussian_blur",
     "gaussian_kernel1d",
+    "jpeg_codec",
     "jpeg_roundtrip",
 ]
 
@@ -275,62 +279,128 @@ def add_gaussian_noise(
 # JPEG
 # --------------------------------------------------------------------------------------------
 
+# [choice] JPEG codec: libjpeg on the CPU through TorchCodec (``JpegEncoder`` /
+# ``decode_jpeg``), whatever device the batch lives on. Reason: the evaluation sets and the
+# reference pipeline are libjpeg's default baseline 4:2:0 (``jpeg_set_defaults``), while nvJPEG's
+# encoder (torchvision's and TorchCodec's CUDA path) is fixed to 4:4:4, a different JPEG
+# distribution; one CPU codec on every device gives byte-identical pairs on CPU and GPU.
+# TorchCodec rather than torchvision.io because torchvision >= 0.29 deprecates its codecs in its
+# favour (a DeprecationWarning on every call). TorchCodec bundles libjpeg-turbo (3.1.3 in 0.17)
+# and its output is byte-identical to Pillow's (tests/test_degradations.py); Pillow itself costs
+# ~5x more per 64x64 round trip (PIL images + BytesIO). Where TorchCodec cannot be loaded (its
+# image codecs need torch >= 2.11; pyproject allows older torch), torchvision.io's CPU codec
+# (libjpeg-turbo too, same defaults) is used instead, with a RuntimeWarning saying why.
+_CODEC: tuple[str, Callable[[Tensor, int], Tensor]] | None = None
 
-def jpeg_roundtrip(images: Tensor, quality: Tensor | Sequence[int] | int) -> Tensor:
-    """Real JPEG encode + decode of each image at its own quality.
 
-    Args:
-        images: ``(B, 3, H, W)`` uint8 tensor (CPU or CUDA).
-        quality: ``(B,)`` (or scalar) integer qualities in ``[10, 100]`` or ``NO_JPEG`` (0,
-            sample returned unchanged).
+def _roundtrip_torchcodec(image: Tensor, quality: int) -> Tensor:
+    from torchcodec.decoders import decode_jpeg
+    from torchcodec.encoders import JpegEncoder
 
-    Returns:
-        ``(B, 3, H, W)`` uint8 tensor on ``images``' device. Uses
-        :func:`torchvision.io.encode_jpeg` / :func:`torchvision.io.decode_jpeg` (libjpeg on
-        CPU, nvjpeg on CUDA), one list call per distinct quality.
-    """
+    return decode_jpeg(JpegEncoder(image).to_tensor(quality=quality), mode="RGB")
+
+
+def _roundtrip_torchvision(image: Tensor, quality: int) -> Tensor:
+    """torchvision.io's CPU libjpeg codec; torchvision >= 0.29 emits its DeprecationWarning here."""
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
+    return decode_jpeg(encode_jpeg(image, quality=quality), mode=ImageReadMode.RGB)
+
+
+def jpeg_codec() -> tuple[str, Callable[[Tensor, int], Tensor]]:
+    """The CPU JPEG round trip in use: ``("torchcodec", fn)`` or, as a fallback, ``("torchvision", fn)``.
+
+    ``fn(image, quality)`` takes a CPU uint8 ``(3, H, W)`` image and returns its libjpeg encode
+    (baseline, 4:2:0, ``quality``) + decode, a CPU uint8 ``(3, H, W)`` tensor.
+    """
+    global _CODEC
+    if _CODEC is None:
+        try:
+            probe = torch.zeros(3, 16, 16, dtype=torch.uint8)
+            _roundtrip_torchcodec(probe, 50)
+            _CODEC = ("torchcodec", _roundtrip_torchcodec)
+        except (ImportError, OSError, RuntimeError) as error:
+            warnings.warn(
+                f"torchcodec's JPEG codec could not be used ({type(error).__name__}: {error}); "
+                "falling back to torchvision.io's CPU libjpeg codec (same 4:2:0 baseline output)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _CODEC = ("torchvision", _roundtrip_torchvision)
+    return _CODEC
+
+
+def _qualities(quality: Tensor | Sequence[int] | int, batch: int) -> list[int]:
+    """Per-sample integer qualities (host ints), validated, naming the first bad entry."""
+    q = quality if isinstance(quality, Tensor) else torch.as_tensor(quality, dtype=torch.float64)
+    q = q.detach().to(device="cpu", dtype=torch.float64)
+    if q.ndim == 0:
+        q = q.expand(batch)
+    if q.shape != (batch,):
+        raise ValueError(f"quality must be a scalar or have shape ({batch},), got {tuple(q.shape)}")
+    out = []
+    for i, v in enumerate(q.tolist()):
+        if not (v == NO_JPEG or JPEG_QUALITY_MIN <= v <= JPEG_QUALITY_MAX) or v != math.floor(v):
+            raise ValueError(
+                f"quality[{i}]={v} must be an integer in [{JPEG_QUALITY_MIN}, {JPEG_QUALITY_MAX}] or NO_JPEG={NO_JPEG}"
+            )
+        out.append(int(v))
+    return out
+
+
+def jpeg_roundtrip(images: Tensor, quality: Tensor | Sequence[int] | int) -> Tensor:
+    """Real JPEG encode + decode of each image at its own quality, with CPU libjpeg on any device.
+
+    Every image goes through libjpeg's baseline encoder with its default settings (4:2:0 chroma
+    subsampling, standard tables, no optimisation) and libjpeg's decoder (see :func:`jpeg_codec`
+    and the ``[choice]`` comment above it), so the output is the same bytes on CPU and CUDA and
+    equals Pillow's ``save(format="JPEG", quality=q)`` + ``open``.
+
+    A batch on another device (CUDA) goes to host memory and back: the samples to compress are
+    gathered on the device, copied into pinned host memory (``non_blocking``, then the copy's
+    stream is synchronised), round-tripped on the CPU, and copied back to the device with
+    ``non_blocking=True``, so the function returns without waiting for the upload.
+
+    Args:
+        images: ``(B, 3, H, W)`` uint8 tensor on any device.
+        quality: ``(B,)`` (or scalar) integer qualities in ``[10, 100]`` or ``NO_JPEG`` (0:
+            sample returned unchanged), on any device.
+
+    Returns:
+        ``(B, 3, H, W)`` uint8 tensor on ``images``' device (``images`` itself when every
+        quality is ``NO_JPEG``).
+    """
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
             f"images must be a uint8 (B, 3, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
         )
-    b = images.shape[0]
-    q = _per_sample(quality, b, "quality", images)
-    q_list = [float(v) for v in q.tolist()]
-    for i, v in enumerate(q_list):
-        if not (
-            v == NO_JPEG or (JPEG_QUALITY_MIN <= v <= JPEG_QUALITY_MAX)
-        ) or v != math.floor(v):
-            raise ValueError(
-                f"quality[{i}]={v} must be an integer in [{JPEG_QUALITY_MIN}, {JPEG_QUALITY_MAX}] or NO_JPEG={NO_JPEG}"
-            )
-    groups: dict[int, list[int]] = {}
-    for i, v in enumerate(q_list):
-        if v != NO_JPEG:
-            groups.setdefault(int(v), []).append(i)
-    if not groups:
+    q = _qualities(quality, images.shape[0])
+    idx = [i for i, v in enumerate(q) if v != NO_JPEG]
+    if not idx:
         return images
-    images = images.contiguous()
-    out = images.clone()
-    with warnings.catch_warnings():
-        # torchvision >= 0.29 flags its image codecs as deprecated in favour of TorchCodec.
-        warnings.filterwarnings(
-            "ignore", category=DeprecationWarning, module=r"torchvision\.io"
-        )
-        warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
-        for qv, idx in groups.items():
-            encoded = encode_jpeg([images[i] for i in idx], quality=qv)
-            if images.device.type != "cpu":
-                encoded = [
-                    e.cpu() for e in encoded
-                ]  # decode_jpeg wants its bytes on the CPU
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=images.device)
-            if len(idx) == 1:
-                out[idx[0]] = decoded[0]
-            else:
-                out[torch.tensor(idx, device=images.device)] = torch.stack(decoded)
-    return out
+    _, roundtrip = jpeg_codec()
+    device = images.device
+    if device.type == "cpu":
+        out = images.clone()
+        for i in idx:
+            out[i] = roundtrip(images[i], q[i])
+        return out
+    # Another device: gather the samples to compress there, one copy to (pinned) host memory.
+    sel = images if len(idx) == images.shape[0] else images[torch.tensor(idx, device=device)]
+    pin = device.type == "cuda"
+    host = torch.empty(sel.shape, dtype=torch.uint8, pin_memory=pin)
+    host.copy_(sel, non_blocking=pin)
+    if pin:
+        torch.cuda.current_stream(device).synchronize()
+    for k, i in enumerate(idx):
+        host[k] = roundtrip(host[k], q[i])
+    # The caching host allocator keeps `host` alive until this asynchronous upload has run.
+    back = host.to(device, non_blocking=pin)
+    if len(idx) == images.shape[0]:
+        return back
+    return images.index_copy(0, torch.tensor(idx, device=device), back)
 
 
 # --------------------------------------------------------------------------------------------
