@@ -4,6 +4,7 @@
     cirlab-bench search-step [--sizes tiny,full] [--out docs/bench/search_step.json]
     cirlab-bench cost [--cresmd C.ckpt] [--tasnet T.ckpt] [--tsnet S.ckpt] [--synthetic] [--naive 0.31,0.62,0.99]
                       [--resolutions 180x320,360x640] [--threads 1,all] [--repeats 3] [--out docs/bench/cost/]
+    cirlab-bench sharing --cresmd C.ckpt [--seeds 1234,1,2] [--threads 1,2] [--out runs/sharing] [-- overrides]
 
 ``data`` measures the training pipeline's throughput in relative-GT pairs per second
 (64x64 patches, batch 16, all three degradations): once for pair synthesis alone
@@ -20,6 +21,10 @@ on the CPU and, when present, the GPU.
 Table 1): CResMD against derived TASNet / TSNet checkpoints, a synthetic paper-scale TASNet
 (``--synthetic``: random weights, paper-shaped widths, clearly labelled) and naively shared
 CResMDs, models timed interleaved, speed-ups per round (docs in ``cirlab/bench/cost.py``).
+
+``sharing`` runs the embedded pipeline's search, derivation, fine-tuning and evaluation from one
+CResMD for each seed and torch thread count, and tabulates the derived shared maps, FLOPs
+fraction, test PSNR and the agreement statistics of each search (``cirlab/bench/sharing.py``).
 """
 
 from __future__ import annotations
@@ -38,21 +43,30 @@ from cirlab.utils.run import write_json_atomically
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from cirlab.bench.data import bench_pairs, bench_pipeline
+    from cirlab.bench.data import REFERENCE_GFLOPS, bench_pairs, bench_pipeline, matmul_gflops, scaled_to_reference
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    matmul_before = matmul_gflops(threads=2)  # the CPU's speed now, to scale CPU figures to the reference
     rows = []
     for device in devices:
         synthesis = bench_pairs(device=device, seconds=args.seconds)
         pipeline = bench_pipeline(device, seconds=args.seconds, num_workers=args.num_workers)
         rows.append({"device": device, "synthesis_pairs_per_s": synthesis["pairs_per_s"],
                      "pipeline_pairs_per_s": pipeline["pairs_per_s"], "num_workers": args.num_workers})
+    matmul_after = matmul_gflops(threads=2)
+    gflops = (matmul_before["gflops_median"] + matmul_after["gflops_median"]) / 2
+    for row in rows:
+        if row["device"] == "cpu":
+            row["synthesis_pairs_per_s_at_reference"] = scaled_to_reference(row["synthesis_pairs_per_s"], gflops)
+            row["pipeline_pairs_per_s_at_reference"] = scaled_to_reference(row["pipeline_pairs_per_s"], gflops)
     record = {
         "command": "cirlab-bench data " + " ".join(sys.argv[2:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "revision": git_revision(),
         "machine": machine_description(),
         "batch": 16, "patch": 64, "degradations": "blur+noise+jpeg, relative GT",
+        "matmul": {"before": matmul_before, "after": matmul_after, "gflops_used": gflops,
+                   "reference_gflops": REFERENCE_GFLOPS},
         "results": rows,
     }
     out = Path(args.out)
@@ -62,9 +76,16 @@ def run_data(args: argparse.Namespace) -> int:
     write_json_atomically(out, existing)
     print(f"\n{record['command']}  ({record['date']}, rev {record['revision']}, "
           f"{record['machine']['cpu_count']} CPU cores{', ' + record['machine'].get('gpu', '') if 'gpu' in record['machine'] else ''})")
+    print(f"2-thread fp32 2048x2048 matmul: {matmul_before['gflops_median']:.0f} GFLOP/s before, "
+          f"{matmul_after['gflops_median']:.0f} after; CPU rates scaled to {REFERENCE_GFLOPS:.0f} GFLOP/s in brackets")
     print("| device | pair synthesis (pairs/s) | whole pipeline (pairs/s) |\n|---|---|---|")
     for row in rows:
-        print(f"| {row['device']} | {row['synthesis_pairs_per_s']:,.0f} | {row['pipeline_pairs_per_s']:,.0f} |")
+        scaled = row["device"] == "cpu"
+        synthesis = f"{row['synthesis_pairs_per_s']:,.0f}" + (
+            f" [{row['synthesis_pairs_per_s_at_reference']:,.0f}]" if scaled else "")
+        pipeline = f"{row['pipeline_pairs_per_s']:,.0f}" + (
+            f" [{row['pipeline_pairs_per_s_at_reference']:,.0f}]" if scaled else "")
+        print(f"| {row['device']} | {synthesis} | {pipeline} |")
     print(f"written to {out}")
     return 0
 
@@ -137,6 +158,28 @@ def run_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sharing(args: argparse.Namespace) -> int:
+    """``sharing``: is the derived architecture the same shape over seeds and thread counts?"""
+    from cirlab.bench.sharing import agreement_markdown, markdown, run_study
+
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    extra = [o for o in args.overrides if o != "--"]
+    rows = run_study(str(Path(args.cresmd).resolve()), out, seeds, threads, extra)
+    record = {"command": "cirlab-bench " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
+              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "revision": git_revision(), "machine": machine_description(), "cresmd_ckpt": args.cresmd,
+              "overrides": extra, "results": rows}
+    write_json_atomically(out / "sharing.json", record)
+    table = (f"{record['command']} ({record['date']}, rev {record['revision']})\n\n" + markdown(rows, args.title)
+             + "\n" + agreement_markdown(rows))
+    (out / "sharing.md").write_text(table)
+    print(table)
+    print(f"written to {out / 'sharing.json'}, {out / 'sharing.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cirlab-bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -166,13 +209,22 @@ def main(argv: list[str] | None = None) -> int:
                       help="add TASNet-synthetic: a derived TASNet of paper-shaped widths (nf, nb below) with random "
                            "weights, for latency only")
     cost.add_argument("--naive", default="0.31,0.62,0.99",
-                      help="fractions of CResMD layers naively shared, one model each ('none': no such models)")
+                      help="Table 4's naive-sharing variants by their label (0.31, 0.62, 0.99: the first 24, 48, 67 "
+                      "maps at nb 32, FLOPs as the paper's), one model each ('none': no such models)")
     cost.add_argument("--nf", type=int, default=64, help="width of the random CResMD (no checkpoint given) and of "
                       "the synthetic TASNet")
     cost.add_argument("--nb", type=int, default=32, help="blocks of the random CResMD (no checkpoint given) and of "
                       "the synthetic TASNet")
     cost.add_argument("--out", default="docs/bench/cost/", help="folder for cost.json, cost.md, flops_per_task.png")
     cost.set_defaults(func=run_cost)
+    sharing = sub.add_parser("sharing", help="the embedded pipeline's derived architecture over seeds and threads")
+    sharing.add_argument("--cresmd", required=True, help="the CResMD checkpoint every search starts from")
+    sharing.add_argument("--seeds", default="1234,1,2", help="comma list of pipeline seeds")
+    sharing.add_argument("--threads", default="1,2", help="comma list of torch thread counts")
+    sharing.add_argument("--out", default="runs/sharing", help="folder of the runs, sharing.json and sharing.md")
+    sharing.add_argument("--title", default="Sharing decision over seeds and threads", help="heading of the table")
+    sharing.add_argument("overrides", nargs="*", help="extra cirlab-pipeline overrides (after --)")
+    sharing.set_defaults(func=run_sharing)
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args.func(args)
