@@ -37,8 +37,32 @@ def run_cfg(tmp_path: Path, cache: Path, experiment: str, *overrides: str, run: 
 
 def test_hyperres_experiments_exist():
     assert {"hyperres_denoise", "hyperres_dejpeg", "hyperres_sr", "hyperres_3d", "hyperres_dedicated",
-            "hyperres_denoise_paper", "hyperres_dejpeg_paper", "hyperres_sr_paper", "hyperres_3d_paper",
-            "hyperres_dedicated_paper"} <= set(HYPERRES_EXPERIMENTS)
+            "hyperres_dedicated_dejpeg", "hyperres_dedicated_sr", "hyperres_denoise_paper", "hyperres_dejpeg_paper",
+            "hyperres_sr_paper", "hyperres_3d_paper", "hyperres_dedicated_paper", "hyperres_dedicated_dejpeg_paper",
+            "hyperres_dedicated_sr_paper"} <= set(HYPERRES_EXPERIMENTS)
+
+
+@pytest.mark.parametrize("task", ["denoise", "dejpeg", "sr"])
+@pytest.mark.parametrize("scale", ["", "_paper"])
+def test_dedicated_baselines_and_their_level_sweeps_exist_for_every_task(task, scale):
+    """Issue 11: a dedicated MainNet per level of the task's test sweep, for DeJPEG and SR as for denoising."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from cirlab.data.hyperres import get_task
+
+    experiment = f"hyperres_dedicated{'' if task == 'denoise' else '_' + task}{scale}"
+    cfg = compose("train", [f"experiment={experiment}", "hparams_search=hyperres_dedicated_levels"])
+    assert cfg.data.task == task and cfg.model.net._target_.endswith("MainNet")
+    assert cfg.model.net.nf == (64 if scale else 32) and cfg.hydra.mode.name == "MULTIRUN"
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    (override,) = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    assert override.key_or_group == "dedicated_level"
+    assert list(override.sweep_iterator()) == list(get_task(task).sweep_levels)  # the task's test levels
+    one = compose("train", [f"experiment={experiment}", f"dedicated_level={get_task(task).sweep_levels[-1]}"])
+    assert list(one.data.levels) == list(one.model.train_levels) == [get_task(task).sweep_levels[-1]]
+    if scale:
+        assert Path(one.data.test_dir).name == get_task(task).test_set and one.data.patch_size == 96
 
 
 def test_paper_recipe_matches_method_md():

@@ -244,6 +244,32 @@ def test_target_noise_is_the_input_noise_rescaled() -> None:
         assert ratio == pytest.approx((s_gt[i] / s_in[i]).item(), rel=0.05)
 
 
+def test_make_pairs_on_margin_crops_degrades_the_crop_then_cuts_the_patch() -> None:
+    """Margin crops (issue 11): the whole crop is degraded, then the patch at each offset is cut out of
+    input and target alike; the noise field covers the crop and stays shared by input and target."""
+    from cirlab.data.degradations import degrade
+    from cirlab.data.loading import cut_patches
+
+    sampler = PairSampler(DegradationConfig(), SamplingConfig(p_binary=1.0, p_multiple=1.0))
+    crops = _clean(48, size=56)
+    offsets = torch.randint(0, 56 - 24 + 1, (48, 2), generator=_gen(1))
+    d = make_pairs(crops, sampler, generator=_gen(13), offsets=offsets, patch_size=24)
+    assert d["input"].shape == d["target"].shape == (48, 3, 24, 24)
+    # the same draws degrade the whole crops: levels first, then one noise field of the crops' shape
+    generator = _gen(13)
+    levels_in, levels_gt = sampler.sample_levels(48, generator=generator)
+    field_ = torch.randn(crops.shape, generator=generator)
+    for image, levels in ((d["input"], levels_in), (d["target"], levels_gt)):
+        whole = degrade(crops, levels, noise_field=field_)
+        assert torch.equal(image, cut_patches(whole, offsets, 24))
+    same = (d["task"] == 0).all(dim=1) & (d["levels_in"][:, 1] > 0)
+    assert int(same.sum()) >= 2 and torch.equal(d["input"][same], d["target"][same])
+    again = make_pairs(crops, sampler, generator=_gen(13), offsets=offsets, patch_size=24)
+    assert torch.equal(again["input"], d["input"])
+    with pytest.raises(ValueError, match="patch_size"):
+        make_pairs(crops, sampler, generator=_gen(13), offsets=offsets)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

@@ -4,7 +4,11 @@ Training batches (after ``on_after_batch_transfer``, on the batch's device): the
 :func:`~cirlab.data.sampling.make_pairs` (float ``(B, 3, P, P)`` images in ``[0, 1]`` and their
 task-space levels, relative or absolute ground truth) plus the sample ``id``. DataLoader workers
 only cut clean uint8 crops out of the training images (:mod:`cirlab.data.loading`: keyed by
-sample id, disjoint over ranks, resumable); :meth:`RestorationDataModule.setup` decodes those
+sample id, disjoint over ranks, resumable), each with ``degrade_margin`` pixels of the image
+around its patch: the pair step degrades the whole crop and then cuts the patch out, so a
+training patch is blurred and JPEG-compressed as the same window of a whole degraded image is
+(blur reads the real neighbours, not replicate padding at the patch's edge; the JPEG block grid
+sits at a random phase to the patch); :meth:`RestorationDataModule.setup` decodes those
 images once into shared memory (:class:`~cirlab.data.image_cache.DecodedImageCache`) and keeps
 them for the DataModule's lifetime. Nothing decoded is written to disk: a new process (a resumed
 run, ``cirlab-eval``) decodes the folder again. The degradations are synthesised batched on the
@@ -18,6 +22,7 @@ image per item, sharded over ranks without padding.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,9 +31,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from cirlab.data.degradations import KERNEL_SIZE
 from cirlab.data.evalsets import EvalSetDataset, EvalSetSpec, build_eval_set
 from cirlab.data.loading import (
+    batch_offsets,
     check_crop_settings,
+    check_margin,
     crop_loader,
     decode_training_images,
     mix_seed,
@@ -36,6 +44,8 @@ from cirlab.data.loading import (
     shard_loader,
 )
 from cirlab.data.sampling import DegradationConfig, PairSampler, SamplingConfig, make_pairs
+
+log = logging.getLogger(__name__)
 
 
 def _typed(value: Any, cls: type, key: str):
@@ -80,6 +90,9 @@ class RestorationDataModule(L.LightningDataModule):
             (``make train``'s offline default); ``train_dir``/``val_dir`` then point inside it.
         pin_memory: passed to the DataLoaders.
         overfit_batches: if set, train on the first N batches over and over.
+        degrade_margin: pixels of image context around each training patch while it is degraded
+            (default 10, the reach of the 21x21 blur kernel, so even r = 4 reads only real pixels;
+            0: degrade the bare patch, the JPEG grid at its corner, as earlier releases).
     """
 
     def __init__(
@@ -105,10 +118,16 @@ class RestorationDataModule(L.LightningDataModule):
         embedded_root: str | None = None,
         pin_memory: bool = False,
         overfit_batches: int | None = None,
+        degrade_margin: int = KERNEL_SIZE // 2,
     ) -> None:
         super().__init__()
         check_crop_settings(patch_size, batch_size, batches_per_epoch, num_workers, on_bad, overfit_batches)
+        self.degrade_margin = check_margin(degrade_margin)
         self.degradation = _typed(degradation, DegradationConfig, "degradation")
+        if 0 < self.degrade_margin < KERNEL_SIZE // 2 and "blur" in self.degradation.types:
+            log.warning("data.degrade_margin=%d is less than the blur kernel's reach (%d px): the edges of a "
+                        "training patch are blurred against the crop's replicated border", self.degrade_margin,
+                        KERNEL_SIZE // 2)
         self.sampling = _typed(sampling, SamplingConfig, "sampling")
         self.sampler = PairSampler(self.degradation, self.sampling)
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
@@ -177,7 +196,7 @@ class RestorationDataModule(L.LightningDataModule):
         return crop_loader(self.train_images, patch_size=self.patch_size, batch_size=self.batch_size,
                            batches_per_epoch=self.batches_per_epoch, seed=self.seed, num_workers=self.num_workers,
                            pin_memory=self.pin_memory, overfit_batches=self.overfit_batches,
-                           trainer=lambda: self.trainer)
+                           trainer=lambda: self.trainer, margin=self.degrade_margin)
 
     def val_dataloader(self) -> DataLoader:
         return shard_loader(self.val_set, "val", trainer=self.trainer, num_workers=self.num_workers,
@@ -189,13 +208,18 @@ class RestorationDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- pairs
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Turn a training batch of clean crops into degraded pairs, on the batch's device."""
+        """Turn a training batch of clean crops into degraded pairs, on the batch's device.
+
+        The crops come from :func:`~cirlab.data.loading.crop_loader` (``clean`` margin crops and
+        each patch's ``offset``); the whole crop is degraded and the ``patch_size`` patch cut out.
+        """
         if "clean" not in batch:
             return batch
+        offsets = batch_offsets(batch, self.patch_size, self.degrade_margin)
         clean = batch["clean"].float().div_(255)
         generator = torch.Generator(device=clean.device)
         generator.manual_seed(mix_seed(self.seed, batch["id"][0]))
-        pairs = make_pairs(clean, self.sampler, generator=generator)
+        pairs = make_pairs(clean, self.sampler, generator=generator, offsets=offsets, patch_size=self.patch_size)
         pairs["id"] = batch["id"]
         return pairs
 

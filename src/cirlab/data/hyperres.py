@@ -22,7 +22,10 @@ reference). :func:`degrade_level` makes the degraded image (uint8 in, uint8 out)
 * ``sr``: bicubic down to ``round(H / s) x round(W / s)``, rounded to uint8, then bicubic back up
   to ``H x W`` and rounded again; the network restores the upsampled image. Bicubic is PyTorch's
   (a = -0.75 and no antialiasing, the kernel of OpenCV's ``INTER_CUBIC`` that the reference's
-  generator uses).
+  generator uses), with the reference's coordinates: ``cv2.resize(fx=1/s)`` maps output pixel
+  ``i`` to input ``(i + 0.5) s - 0.5`` with s exactly (:func:`bicubic_resize` with ``scale``),
+  and the way back, ``cv2.resize(dsize=(W, H))``, by the size ratio. (Resampling to a size maps
+  with ``W / round(W / s)`` instead, which differs from s whenever s does not divide W.)
 
 [choice] Every task trains and restores RGB (the 2,588,483-parameter RGB model); the DeJPEG and
 SR tables score the BT.601 Y channel of the RGB output, as the paper's tables. The reference's
@@ -34,9 +37,15 @@ resumed runs continue it). In ``on_after_batch_transfer`` each batch of clean cr
 at every one of the k training levels: the batch becomes ``inputs`` (k, B, 3, P, P) and
 ``target`` (B, 3, P, P), float in [0, 1] (the same crops, same flips, for every level), and
 ``levels`` (k, 1), the normalised levels. [choice] The
-degradation is synthesised on the crop (the reference degrades whole images once and crops
-them): bicubic and JPEG border effects at the crop edges differ slightly, and each step sees
-new noise.
+degradation is synthesised at every step (the reference degrades whole images once and crops
+them), so each step sees new noise; but, as for the blur/noise/JPEG pairs, on a crop with
+``degrade_margin`` pixels of context around the patch (:class:`~cirlab.data.loading.CropDataset`),
+cut out afterwards: DeJPEG's block grid starts at the crop's corner, at a random phase to the
+patch, and the blocks touching the patch hold real pixels; SR's bicubic reads real neighbours.
+Training crops are resampled with s exactly both ways (``sr_upscale="scale"``: the geometry of a
+whole image whose sides are multiples of s; resampling a crop back to its own size would stretch
+it by ``S / (s round(S / s))``, shifting input against target by up to about a pixel). Denoising
+needs no context (noise and rounding act per pixel): its default margin is 0.
 
 Evaluation: :func:`build_level_set` makes a deterministic set (every image of a folder at every
 level; image i at level L uses a generator seeded from (seed, i, L), so adding a level changes
@@ -50,6 +59,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +71,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cirlab.checkpoints import read_torch_file, save_torch_file
-from cirlab.data.degradations import jpeg_roundtrip
+from cirlab.data.degradations import KERNEL_SIZE, jpeg_roundtrip
 from cirlab.data.image_files import center_crop
 from cirlab.data.loading import (
+    batch_offsets,
     check_crop_settings,
+    check_margin,
     crop_loader,
+    cut_patches,
     decode_training_images,
     mix_seed,
     scan_training_folder,
@@ -75,7 +88,8 @@ from cirlab.metrics.conventions import quantize_uint8
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: SR inputs map the downscale with s exactly (cv2.resize(fx=1/s)); version 1 sets are regenerated
+FORMAT_VERSION = 2
 #: Column of the level tables holding each level scored by the dedicated network trained at it.
 ENVELOPE = "dedicated (own level)"
 
@@ -125,16 +139,48 @@ def get_task(name: str) -> LevelTask:
     return TASKS[name]
 
 
-def _bicubic_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    return quantize_uint8(F.interpolate(x.float().div(255), size=size, mode="bicubic", align_corners=False))
+#: Default ``data.degrade_margin`` per task (None: :func:`sr_reach` of the largest training scale).
+TASK_MARGINS: dict[str, int | None] = {"denoise": 0, "dejpeg": KERNEL_SIZE // 2, "sr": None}
 
 
-def degrade_level(clean: Tensor, task: str, level: float, generator: torch.Generator | None = None) -> Tensor:
+def sr_reach(scale: float) -> int:
+    """Pixels around a pixel that bicubic down and up by ``scale`` can read: < 2 s + 2 (4 taps each way)."""
+    return math.ceil(2 * scale + 1)
+
+
+def bicubic_resize(x: Tensor, size: tuple[int, int], scale: float | None = None) -> Tensor:
+    """Bicubic resampling (a = -0.75, no antialiasing) of a uint8 batch to ``size``, rounded to uint8.
+
+    ``scale`` None: coordinates map by the size ratio (``cv2.resize(dsize=...)``,
+    ``F.interpolate(size=...)``). ``scale`` given (output / input): output pixel ``i`` reads
+    input ``(i + 0.5) / scale - 0.5`` whatever the sizes (``cv2.resize(fx=scale)``;
+    ``F.interpolate(scale_factor=scale, recompute_scale_factor=False)``, whose floor(in * scale)
+    outputs are extended to ``size`` by first repeating the input's last row/column, which reads
+    as the clamped border of the unpadded input).
+    """
+    x = x.float().div(255)
+    if scale is None:
+        out = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    else:
+        pad_h, pad_w = (max(0, math.ceil(n / scale) + 2 - m) for n, m in zip(size, x.shape[-2:]))
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        out = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False,
+                            recompute_scale_factor=False)[..., : size[0], : size[1]]
+    return quantize_uint8(out)
+
+
+def degrade_level(clean: Tensor, task: str, level: float, generator: torch.Generator | None = None,
+                  sr_upscale: str = "size") -> Tensor:
     """Degrade a uint8 batch ``clean`` (B, 3, H, W) at one ``level`` of ``task``; returns uint8 (B, 3, H, W).
 
     ``generator`` (on ``clean``'s device) draws the noise field of ``denoise``; the other tasks
-    are deterministic. See the module docstring for each task.
+    are deterministic. See the module docstring for each task. ``sr_upscale``: how ``sr`` maps
+    coordinates on the way back up: ``"size"`` by the size ratio (the reference's generator on a
+    whole image), ``"scale"`` by s exactly (training crops).
     """
+    if sr_upscale not in ("size", "scale"):
+        raise ValueError(f"sr_upscale={sr_upscale!r} must be 'size' or 'scale'")
     spec = get_task(task)
     (level,) = spec.check([level], f"{task} level")
     if clean.dtype != torch.uint8 or clean.ndim != 4 or clean.shape[1] != 3:
@@ -146,8 +192,9 @@ def degrade_level(clean: Tensor, task: str, level: float, generator: torch.Gener
     if task == "dejpeg":
         return jpeg_roundtrip(clean, int(level))
     height, width = clean.shape[-2:]
-    small = (max(1, round(height / level)), max(1, round(width / level)))
-    return _bicubic_resize(_bicubic_resize(clean, small), (height, width))
+    # cv2.resize(fx=1/s): round(W * (1/s)) pixels (round half to even, as cvRound), coordinates mapped with s
+    small = bicubic_resize(clean, (max(1, round(height * (1 / level))), max(1, round(width * (1 / level)))), 1 / level)
+    return bicubic_resize(small, (height, width), level if sr_upscale == "scale" else None)
 
 
 def level_seed(seed: int, index: int, level: float) -> int:
@@ -271,6 +318,9 @@ class LevelDataModule(L.LightningDataModule):
         seed: the data seed; on_bad: ``"error"`` or ``"skip"`` (warn, naming each bad file).
         embedded_root: if set, the embedded scikit-image photos are written there first.
         pin_memory: passed to the DataLoaders; overfit_batches: if set, cycle the first N batches.
+        degrade_margin: pixels of image context around each training patch while it is degraded
+            (None: the task's default, :data:`TASK_MARGINS`: 0 for denoise, 10 for dejpeg,
+            :func:`sr_reach` of the largest scale for sr).
 
     Batches: ``inputs`` (k, B, 3, P, P), ``target`` (B, 3, P, P), both float in [0, 1],
     ``levels`` (k, 1) normalised, and ``id``. Evaluation items: see :class:`LevelSetDataset`.
@@ -301,6 +351,7 @@ class LevelDataModule(L.LightningDataModule):
         embedded_root: str | None = None,
         pin_memory: bool = False,
         overfit_batches: int | None = None,
+        degrade_margin: int | None = None,
     ) -> None:
         super().__init__()
         check_crop_settings(patch_size, batch_size, batches_per_epoch, num_workers, on_bad, overfit_batches)
@@ -331,6 +382,12 @@ class LevelDataModule(L.LightningDataModule):
             raise ValueError(f"data.metric_channel={channel!r} must be 'rgb' or 'y'")
         self.metric_channel = channel
         self.level_specs = {"val": (val_max_images, val_crop), "test": (test_max_images, test_crop)}
+        needed = sr_reach(max(self.levels)) if task == "sr" else TASK_MARGINS[task]
+        self.degrade_margin = needed if degrade_margin is None else check_margin(degrade_margin)
+        if self.degrade_margin < needed:
+            log.warning("data.degrade_margin=%d is less than the %d px that %s at level %g reads around a pixel: the "
+                        "edges of a training patch are degraded against the crop's border", self.degrade_margin,
+                        needed, task, max(self.levels))
 
     # ------------------------------------------------------------------ evaluation sets
     def level_spec(self, stage: str) -> LevelSetSpec | None:
@@ -380,7 +437,7 @@ class LevelDataModule(L.LightningDataModule):
         return crop_loader(self.train_images, patch_size=self.patch_size, batch_size=self.batch_size,
                            batches_per_epoch=self.batches_per_epoch, seed=self.seed, num_workers=self.num_workers,
                            pin_memory=self.pin_memory, overfit_batches=self.overfit_batches,
-                           trainer=lambda: self.trainer)
+                           trainer=lambda: self.trainer, margin=self.degrade_margin)
 
     def val_dataloader(self) -> DataLoader:
         return shard_loader(self.val_set, "val", trainer=self.trainer, num_workers=self.num_workers,
@@ -392,16 +449,24 @@ class LevelDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ training batches
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Clean crops -> k degraded versions (one per training level), on the batch's device."""
+        """Clean crops -> k degraded versions (one per training level), on the batch's device.
+
+        The crops come from :func:`~cirlab.data.loading.crop_loader` (margin crops and each
+        patch's ``offset``): every level degrades the whole crop, then the patch is cut out.
+        """
         if "clean" not in batch:
             return batch
+        offsets = batch_offsets(batch, self.patch_size, self.degrade_margin)
         clean = batch["clean"]
         generator = torch.Generator(device=clean.device)
         generator.manual_seed(mix_seed(self.seed, batch["id"][0]))
-        inputs = torch.stack([degrade_level(clean, self.task, level, generator) for level in self.levels])
+        inputs = [degrade_level(clean, self.task, level, generator, sr_upscale="scale") for level in self.levels]
+        if offsets is not None:
+            inputs = [cut_patches(x, offsets, self.patch_size) for x in inputs]
+            clean = cut_patches(clean, offsets, self.patch_size)
         levels = torch.tensor(self.levels, dtype=torch.float32, device=clean.device).div_(self.level_scale)
-        return {"inputs": inputs.float().div_(255), "target": clean.float().div(255), "levels": levels[:, None],
-                "id": batch["id"]}
+        return {"inputs": torch.stack(inputs).float().div_(255), "target": clean.float().div(255),
+                "levels": levels[:, None], "id": batch["id"]}
 
     def example_inputs(self, count: int = 1) -> None:
         """None: the 3-D task-grid picture does not apply to single-type levels (see ``level_example``)."""

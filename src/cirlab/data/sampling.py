@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from cirlab.data.degradations import degrade
+from cirlab.data.loading import cut_patches
 from cirlab.tasks import (
     BLUR_RADIUS_MAX,
     DEGRADATION_TYPES,
@@ -441,7 +442,11 @@ class PairSampler:
 
 
 def make_pairs(
-    clean: Tensor, sampler: PairSampler, generator: torch.Generator | None = None
+    clean: Tensor,
+    sampler: PairSampler,
+    generator: torch.Generator | None = None,
+    offsets: Tensor | None = None,
+    patch_size: int | None = None,
 ) -> dict[str, Tensor]:
     """Degrade a batch of clean crops into (input, target) training pairs.
 
@@ -450,17 +455,25 @@ def make_pairs(
     section 1 choice), so removing part of the noise is a well-posed mapping. Input and target
     are produced by one :func:`~cirlab.data.degradations.degrade` call on 2B images.
 
+    With ``offsets``, ``clean`` holds margin crops (:class:`~cirlab.data.loading.CropDataset`):
+    the whole crop is degraded (blur reads the pixels around the patch, the JPEG grid starts at
+    the crop's corner, the noise field covers the crop) and the ``patch_size`` patch at each
+    sample's offset is cut out of input and target afterwards.
+
     Args:
         clean: ``(B, 3, H, W)`` floating tensor in [0, 1], any device.
         sampler: the :class:`PairSampler`.
         generator: ``torch.Generator`` on ``clean``'s device; levels are drawn first, then the
             noise field. Same generator state => identical output.
+        offsets: optional ``(B, 2)`` integer ``(top, left)`` of each sample's patch in its crop.
+        patch_size: side ``P`` of the patches (required with ``offsets``).
 
     Returns:
-        dict with ``input``, ``target`` ``(B, 3, H, W)`` (clean's dtype/device, values k/255);
-        ``levels_in``, ``levels_gt``, ``task = levels_in - levels_gt`` ``(B, 3)`` float32 task
-        space; ``physical_in``, ``physical_gt`` ``(B, 3)`` as ``(r, sigma, q)`` with q = 0 for
-        no JPEG (see :func:`~cirlab.data.degradations.task_to_physical`).
+        dict with ``input``, ``target`` ``(B, 3, P, P)`` (``P = H = W`` without offsets; clean's
+        dtype/device, values k/255); ``levels_in``, ``levels_gt``, ``task = levels_in -
+        levels_gt`` ``(B, 3)`` float32 task space; ``physical_in``, ``physical_gt`` ``(B, 3)`` as
+        ``(r, sigma, q)`` with q = 0 for no JPEG (see
+        :func:`~cirlab.data.degradations.task_to_physical`).
     """
     if not isinstance(clean, Tensor):
         raise TypeError(f"clean must be a torch.Tensor, got {type(clean).__name__}")
@@ -468,6 +481,8 @@ def make_pairs(
         raise ValueError(
             f"clean must have shape (B, 3, H, W), got {tuple(clean.shape)}"
         )
+    if offsets is not None and patch_size is None:
+        raise ValueError("make_pairs: patch_size is required with offsets")
     b = clean.shape[0]
     levels_in, levels_gt = sampler.sample_levels(
         b, generator=generator, device=clean.device
@@ -480,6 +495,8 @@ def make_pairs(
         )
         noise = torch.cat((field_, field_))
     out = degrade(torch.cat((clean, clean)), levels, noise_field=noise)
+    if offsets is not None:
+        out = cut_patches(out, torch.cat((offsets, offsets)), patch_size)
     phys = task_to_physical(levels)
     return {
         "input": out[:b],
