@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cirlab.data.loading import JPEG_GRID, margin_crop_size
 from cirlab.data.sampling import (
     DegradationConfig,
     PairSampler,
@@ -80,24 +81,30 @@ def _run(
     seconds: float,
     warmup: int,
     seed: int,
+    margin: int,
 ) -> tuple[int, float, torch.device]:
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator(device=dev).manual_seed(seed)
     sampler = PairSampler(DegradationConfig(), SamplingConfig(ground_truth="relative"))
     # a few distinct clean batches so the timing does not hinge on one draw of content
+    side = margin_crop_size(patch, margin)
     cleans = [
-        torch.rand(batch_size, 3, patch, patch, generator=gen, device=dev)
+        torch.rand(batch_size, 3, side, side, generator=gen, device=dev)
         for _ in range(4)
     ]
+    # patch offsets as CropDataset draws them: the margin plus a random phase to the JPEG grid
+    offsets = None if margin == 0 else margin + torch.randint(0, JPEG_GRID, (batch_size, 2), generator=gen,
+                                                               device=dev)
+    kwargs = {} if offsets is None else {"offsets": offsets, "patch_size": patch}
     for i in range(max(0, warmup)):
-        make_pairs(cleans[i % len(cleans)], sampler, generator=gen)
+        make_pairs(cleans[i % len(cleans)], sampler, generator=gen, **kwargs)
     sync()
     iters = 0
     start = time.perf_counter()
     elapsed = 0.0
     while iters == 0 or elapsed < seconds:
-        make_pairs(cleans[iters % len(cleans)], sampler, generator=gen)
+        make_pairs(cleans[iters % len(cleans)], sampler, generator=gen, **kwargs)
         iters += 1
         sync()
         elapsed = time.perf_counter() - start
@@ -112,8 +119,10 @@ def bench_pairs(
     warmup: int = 2,
     seed: int = 0,
     num_threads: int | None = None,
+    margin: int = 10,
 ) -> dict[str, object]:
-    """Measure relative-ground-truth pairs per second of ``make_pairs``.
+    """Measure relative-ground-truth pairs per second of ``make_pairs``, on margin crops as training
+    makes them (``margin`` pixels of context, :func:`cirlab.data.loading.margin_crop_size`; 0: bare patches).
 
     All three degradations are enabled with the default sampling configuration (relative GT,
     p_multiple = p_binary = 0.5, uniform levels on the docs/method.md grids). Each call makes
@@ -135,7 +144,7 @@ def bench_pairs(
         torch.set_num_threads(num_threads)
     try:
         threads = torch.get_num_threads()
-        iters, elapsed, dev = _run(device, batch_size, patch, seconds, warmup, seed)
+        iters, elapsed, dev = _run(device, batch_size, patch, seconds, warmup, seed, margin)
     finally:
         if num_threads is not None:
             torch.set_num_threads(previous_threads)
@@ -148,6 +157,7 @@ def bench_pairs(
         "device": str(dev),
         "batch": batch_size,
         "patch": patch,
+        "margin": margin,
         "torch_threads": threads,
     }
 

@@ -64,7 +64,7 @@ def run_data(args: argparse.Namespace) -> int:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "revision": git_revision(),
         "machine": machine_description(),
-        "batch": 16, "patch": 64, "degradations": "blur+noise+jpeg, relative GT",
+        "batch": 16, "patch": 64, "degradations": "blur+noise+jpeg, relative GT, 10 px context margin (data.degrade_margin)",
         "matmul": {"before": matmul_before, "after": matmul_after, "gflops_used": gflops,
                    "reference_gflops": REFERENCE_GFLOPS},
         "results": rows,
@@ -166,11 +166,11 @@ def run_sharing(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     extra = [o for o in args.overrides if o != "--"]
-    rows = run_study(str(Path(args.cresmd).resolve()), out, seeds, threads, extra)
+    rows = run_study(str(Path(args.cresmd).resolve()), out, seeds, threads, extra, args.search_extra)
     record = {"command": "cirlab-bench " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "revision": git_revision(), "machine": machine_description(), "cresmd_ckpt": args.cresmd,
-              "overrides": extra, "results": rows}
+              "overrides": extra, "search_extra": args.search_extra, "results": rows}
     write_json_atomically(out / "sharing.json", record)
     table = (f"{record['command']} ({record['date']}, rev {record['revision']})\n\n" + markdown(rows, args.title)
              + "\n" + agreement_markdown(rows))
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     sharing.add_argument("--threads", default="1,2", help="comma list of torch thread counts")
     sharing.add_argument("--out", default="runs/sharing", help="folder of the runs, sharing.json and sharing.md")
     sharing.add_argument("--title", default="Sharing decision over seeds and threads", help="heading of the table")
+    sharing.add_argument("--search-extra", default="", help="Hydra overrides added to the search stage, one string "
+                         "(e.g. 'model.net.decision=batch' for the rule before declared task sets)")
     sharing.add_argument("overrides", nargs="*", help="extra cirlab-pipeline overrides (after --)")
     sharing.set_defaults(func=run_sharing)
     args = parser.parse_args(argv)
