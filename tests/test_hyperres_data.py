@@ -34,7 +34,7 @@ def test_defaults_match_the_reference_levels():
     assert get_task("dejpeg").train_levels == (10, 30, 50, 80)
     assert get_task("sr").train_levels == (2, 3, 4, 5)
     assert get_task("denoise").sweep_levels == tuple(range(5, 95, 5))
-    assert (get_task("dejpeg").channel, get_task("sr").channel, get_task("denoise").channel) == ("y", "y", "rgb")
+    assert (get_task("dejpeg").channel, get_task("sr").channel, get_task("denoise").channel) == ("y_rounded", "y_rounded", "rgb")
     assert [TASKS["sr"].label(v) for v in (2, 2.5)] == ["x2", "x2.5"]
 
 

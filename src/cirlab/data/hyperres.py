@@ -28,7 +28,8 @@ reference). :func:`degrade_level` makes the degraded image (uint8 in, uint8 out)
   with ``W / round(W / s)`` instead, which differs from s whenever s does not divide W.)
 
 [choice] Every task trains and restores RGB (the 2,588,483-parameter RGB model); the DeJPEG and
-SR tables score the BT.601 Y channel of the RGB output, as the paper's tables. The reference's
+SR tables score the BT.601 Y channel of the RGB output, rounded to integers as MATLAB does for
+uint8 images (``y_rounded``), as the paper's tables. The reference's
 README trains its DeJPEG model on luminance only; that variant is not provided here.
 
 Training (:class:`LevelDataModule`): the crop stream of :mod:`cirlab.data.loading` (workers cut
@@ -85,6 +86,7 @@ from cirlab.data.loading import (
     shard_loader,
 )
 from cirlab.metrics.conventions import quantize_uint8
+from cirlab.metrics.fidelity import CHANNELS
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +129,9 @@ class LevelTask:
 TASKS: dict[str, LevelTask] = {
     "denoise": LevelTask("denoise", "noise sigma (0..255 scale)", "sigma", (15, 35, 55, 75), tuple(range(5, 95, 5)),
                          "rgb", "CBSD68", 0.0, 255.0),
-    "dejpeg": LevelTask("dejpeg", "JPEG quality", "q", (10, 30, 50, 80), tuple(range(10, 90, 10)), "y", "LIVE1",
+    "dejpeg": LevelTask("dejpeg", "JPEG quality", "q", (10, 30, 50, 80), tuple(range(10, 90, 10)), "y_rounded", "LIVE1",
                         10.0, 100.0, integer=True),
-    "sr": LevelTask("sr", "scale factor", "x", (2, 3, 4, 5), (2, 3, 4, 5, 6), "y", "Set5", 1.0, 16.0),
+    "sr": LevelTask("sr", "scale factor", "x", (2, 3, 4, 5), (2, 3, 4, 5, 6), "y_rounded", "Set5", 1.0, 16.0),
 }
 
 
@@ -307,7 +309,7 @@ class LevelDataModule(L.LightningDataModule):
         val_levels, test_levels: levels of the validation and test sets (default: the training
             levels and the sweep's ends; the task's sweep).
         level_scale: c = level / level_scale (255, the reference).
-        metric_channel: ``rgb`` or ``y`` for validation/test PSNR and SSIM (default per task).
+        metric_channel: ``rgb``, ``y`` or ``y_rounded`` for validation/test PSNR and SSIM (default per task).
         train_dir: folder of clean training images.
         val_dir, test_dir: folders of clean images for the level sets (None: no such set).
         patch_size: training crop size in pixels (even); batch_size: crops per batch (per rank);
@@ -378,8 +380,8 @@ class LevelDataModule(L.LightningDataModule):
             raise ValueError(f"data.level_scale={level_scale!r} must be > 0")
         self.level_scale = float(level_scale)
         channel = metric_channel or spec.channel
-        if channel not in ("rgb", "y"):
-            raise ValueError(f"data.metric_channel={channel!r} must be 'rgb' or 'y'")
+        if channel not in CHANNELS:
+            raise ValueError(f"data.metric_channel={channel!r} must be one of {', '.join(CHANNELS)}")
         self.metric_channel = channel
         self.level_specs = {"val": (val_max_images, val_crop), "test": (test_max_images, test_crop)}
         needed = sr_reach(max(self.levels)) if task == "sr" else TASK_MARGINS[task]
