@@ -14,7 +14,16 @@ from cirlab.archs.tasnet import TASNet, naive_shared
 from cirlab.cli.derive import main
 from cirlab.derivation import derive, derive_checkpoint
 from cirlab.tasks import level_grid
-from tasnet_testing import N_MAPS, NB, NF, fake_search_checkpoint, search_state
+from tasnet_testing import (
+    AGREEING_BATCH,
+    MIXED_BATCH,
+    N_MAPS,
+    NB,
+    NF,
+    fake_search_checkpoint,
+    search_state,
+    task_dependent_net,
+)
 
 # (shared maps, whole shared map off, whole task-specific map off): every cut of the prefix
 # (inside a block, at a block output, in the tail, all, none) and empty maps on both sides.
@@ -177,3 +186,112 @@ def test_architecture_validation_names_the_problem():
         TASNet(arch)
     with pytest.raises(ValueError, match="format"):
         TASNet({**net.architecture, "format": "other"})
+
+
+# --------------------------------------------------------------------------- the frozen decision
+def test_two_derivations_from_one_search_state_with_different_last_batches_give_one_architecture():
+    """The decision is frozen over the declared task set, not over whichever tasks the last
+    training batch held (with the batch rule these two batches share 7 and 2 maps)."""
+    architectures = []
+    for tasks in (AGREEING_BATCH, MIXED_BATCH):
+        search = task_dependent_net()  # the same weights each time
+        search.search_forward(torch.rand(4, 3, 8, 8), tasks)  # a last training step on this batch
+        architectures.append(derive(search.eval()).architecture)
+    assert architectures[0] == architectures[1]
+    assert 0 < sum(m["shared"] for m in architectures[0]["maps"]) < N_MAPS
+
+
+def test_the_derived_network_computes_what_the_search_network_computes_with_the_frozen_decision():
+    search = task_dependent_net()
+    search.search_forward(torch.rand(4, 3, 8, 8), AGREEING_BATCH)  # stored decision: every map shared
+    net = derive(search.eval())  # recomputed over the declared set and stored back
+    assert net.shared_maps == int(search.phi.sum()) < N_MAPS
+    x, task = torch.rand(3, 3, 12, 10), torch.rand(3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, task), search.search_forward(x, task).output, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_derivation_uses_the_declared_set_it_carries(tmp_path):
+    search = task_dependent_net()
+    search.set_decision_tasks(torch.tensor([[0.25, 0.25, 0.25]]))  # a set of one task: everything agrees
+    search.search_forward(torch.rand(4, 3, 8, 8), MIXED_BATCH)
+    search.phi.zero_()  # whatever was stored last
+    fake_search_checkpoint(search, tmp_path / "search.ckpt")
+    result = derive_checkpoint(tmp_path / "search.ckpt", tmp_path / "out", grid="single", height=16, width=16,
+                               figure=False)
+    arch = json.loads(result.json_path.read_text())
+    assert arch["shared_maps"] == N_MAPS
+    assert arch["decision"]["rule"] == "declared" and arch["decision"]["tasks"] == 1
+    assert arch["decision"]["agreement"]["conv_first"] == 1.0
+
+
+def test_a_search_checkpoint_from_before_declared_sets_keeps_its_stored_decision(tmp_path):
+    search = search_state(3, seed=4)
+    fake_search_checkpoint(search, tmp_path / "search.ckpt")
+    raw = torch.load(tmp_path / "search.ckpt", weights_only=True)
+    del raw["state_dict"]["net.decision_tasks"], raw["hyper_parameters"]["net"]["decision"]
+    torch.save(raw, tmp_path / "old.ckpt")
+    result = derive_checkpoint(tmp_path / "old.ckpt", tmp_path / "out", grid="single", height=16, width=16,
+                               figure=False)
+    assert result.net.shared_maps == 3
+    assert json.loads(result.json_path.read_text())["decision"]["rule"] == "batch"
+
+
+def test_tasnet_a_takes_the_architecture_of_the_search_and_the_weights_of_another_cresmd(tmp_path):
+    from cirlab.archs.cresmd import CResMDNet
+
+    search = search_state(3, seed=6)
+    fake_search_checkpoint(search, tmp_path / "search.ckpt")
+    torch.manual_seed(9)
+    absolute = CResMDNet(nf=NF, nb=NB)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in absolute.state_dict().items()}}, tmp_path / "abs.ckpt")
+    tasnet = derive_checkpoint(tmp_path / "search.ckpt", tmp_path / "t", grid="single", height=16, width=16, figure=False)
+    tasnet_a = derive_checkpoint(tmp_path / "search.ckpt", tmp_path / "a", grid="single", height=16, width=16,
+                                 figure=False, weights=tmp_path / "abs.ckpt")
+    assert tasnet_a.net.architecture == tasnet.net.architecture
+    kept = tasnet.net.architecture["maps"][0]["channels"]
+    assert torch.equal(tasnet_a.net.state_dict()["conv_first.weight"], absolute.conv_first.weight[kept])
+    assert torch.equal(tasnet_a.net.state_dict()["recon_trunk.1.conv2.weight"], absolute.recon_trunk[1].conv2.weight)
+    with torch.no_grad():
+        scale = absolute.recon_trunk[0].local_scale(torch.full((1, 3), 0.5))[0]
+    rows = tasnet.net.architecture["maps"][2]["channels"]
+    torch.testing.assert_close(tasnet_a.net.state_dict()["recon_trunk.0.agnostic_scale"], scale[rows])
+    assert json.loads(tasnet_a.json_path.read_text())["weights_from"].endswith("abs.ckpt")
+    assert main(["--ckpt", str(tmp_path / "search.ckpt"), "--out", str(tmp_path / "x"), "--no-figure",
+                 "--weights", str(tmp_path / "search.ckpt")]) == 2  # not a CResMD: says so
+
+
+# --------------------------------------------------------------------------- Table 4's naive sharing
+def test_naive_variants_have_the_papers_flops_fractions():
+    """TASNet Table 4: 132.0 / 69.5 / 7.0 G of CResMD's 189.1 G (27-point workload): the first 24,
+    48 and 67 maps at nb = 32; counting 31 / 62% of the 68 convolutions would give 0.733 / 0.453."""
+    from cirlab.archs.tasnet import TABLE4_FLOPS, naive_flops_fraction, table4_shared_maps
+    from cirlab.archs.flops import cresmd_flops
+
+    paper = {0.31: 132.0 / 189.1, 0.62: 69.5 / 189.1, 0.99: 7.0 / 189.1}
+    assert TABLE4_FLOPS == pytest.approx(paper)
+    tasks = level_grid("cresmd27")
+    for label, maps in ((0.31, 24), (0.62, 48), (0.99, 67)):
+        assert table4_shared_maps(64, 32, label) == maps
+        net = naive_shared(nf=64, nb=32, flops_fraction=paper[label])
+        fraction = net.flops(tasks, 720, 1280) / cresmd_flops(64, 32, 720, 1280, tasks=27)
+        assert net.shared_maps == maps and fraction == pytest.approx(naive_flops_fraction(64, 32, maps))
+        assert abs(fraction - paper[label]) < 0.006  # 0.693, 0.373, 0.037
+    assert naive_flops_fraction(64, 32, 21) == pytest.approx(0.733, abs=1e-3)  # the layer-count reading of 31%
+    with pytest.raises(ValueError, match="give one of flops_fraction, shared_maps, shared_fraction"):
+        naive_shared(nf=NF, nb=NB, shared_fraction=0.3, flops_fraction=0.5)
+    with pytest.raises(ValueError, match="Table 4's naive-sharing variants"):
+        table4_shared_maps(64, 32, 0.5)
+
+
+def test_the_paper_experiments_and_the_benchmark_build_the_same_naive_variants():
+    from cirlab.bench.cost import build_models
+    from conftest import compose
+
+    for label, maps in (("31", 24), ("62", 48), ("99", 67)):
+        cfg = compose("train", [f"experiment=cresmd_shared{label}_paper"])
+        net = naive_shared(**{k: v for k, v in cfg.model.net.items() if k != "_target_"})
+        assert net.shared_maps == maps and cfg.sampling.ground_truth == "absolute"
+    models, notes = build_models(nf=64, nb=32)
+    assert [models[f"CResMD-{label}%shared"].shared_maps for label in (31, 62, 99)] == [24, 48, 67]
+    assert any("24, 48, 67 of 67 maps" in note for note in notes)

@@ -12,6 +12,8 @@ import torch
 from cirlab.pipeline import STAGES, PipelineError, check_pipeline_config, precheck, run_pipeline
 from conftest import compose
 
+DEFAULT_STAGES = [s for s in STAGES if s != "baseline"]  # `make train` keeps one baseline
+
 TINY_DATA = ("data.batch_size=4 data.patch_size=32 data.batches_per_epoch=3 data.val_crop=48 trainer.max_steps=3 "
              "callbacks.task_grid_picture.crop=48")
 
@@ -20,15 +22,18 @@ def tiny_overrides(root: Path, cache: Path, run_dir: Path) -> list[str]:
     return [f"paths.root_dir={root}", f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}",
             'pipeline.train_common="logger=csv callbacks.progress_bar.refresh_rate=0"',
             f'pipeline.cresmd.extra="model=cresmd_tiny {TINY_DATA}"',
-            f'pipeline.search.extra="model=tasnet_search_tiny {TINY_DATA}"',
+            f'pipeline.search.extra="model=tasnet_search_tiny {TINY_DATA} trainer.log_every_n_steps=1"',
             f'pipeline.finetune.extra="{TINY_DATA}"',
             'pipeline.evaluate.extra="data.test_crop=48"',
             "pipeline.bench.resolutions=[32x48]", "pipeline.bench.repeats=1", "pipeline.bench.warmup=0",
-            "pipeline.bench.threads=[1]", "pipeline.bench.device=cpu"]
+            "pipeline.bench.threads=[1]", "pipeline.bench.device=cpu", "pipeline.threads=1"]
 
 
 def pipeline_cfg(overrides: list[str]):
     return compose("pipeline", overrides)
+
+
+THREADS_BEFORE = torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,9 @@ def tiny_run(tmp_path_factory):
 
 def test_every_stage_leaves_its_products(tiny_run):
     run_dir, _, manifest = tiny_run
-    assert list(manifest["stages"]) == list(STAGES)
-    for name in STAGES:
+    assert list(manifest["stages"]) == DEFAULT_STAGES
+    assert manifest["torch_threads"] == 1 and torch.get_num_threads() == THREADS_BEFORE  # set for the run only
+    for name in DEFAULT_STAGES:
         record = json.loads((run_dir / name / "stage.json").read_text())
         assert record["stage"] == name and (run_dir / name / f"{name}.log").is_file()
     products = manifest["products"]
@@ -72,7 +78,9 @@ def test_stages_are_linked(tiny_run):
 def test_evaluate_compares_both_models_on_every_task(tiny_run):
     run_dir, _, manifest = tiny_run
     table = (run_dir / "evaluate" / "comparison.md").read_text()
-    assert "| CResMD |" in table and "| TASNet |" in table
+    # the one baseline of `make train` says what it is
+    assert "| CResMD: CResMD trained with relative GT (the CResMD TASNet was searched from) |" in table
+    assert "| TASNet: TASNet trained with relative GT (searched, derived and fine-tuned) |" in table
     task_rows = [line for line in table.splitlines() if line.startswith("| r=")]
     assert len(task_rows) == 27
     metrics = manifest["stages"]["evaluate"]["products"]["metrics"]
@@ -80,6 +88,34 @@ def test_evaluate_compares_both_models_on_every_task(tiny_run):
         scored = json.loads((run_dir / "evaluate" / name.lower() / "metrics.json").read_text())
         assert scored["test/psnr"] == pytest.approx(metrics[name]["test/psnr"])
         assert scored["ckpt_path"] == manifest["products"]["cresmd_ckpt" if name == "CResMD" else "tasnet_ckpt"]
+
+
+def test_the_search_decides_over_a_declared_task_set(tiny_run):
+    run_dir, _, manifest = tiny_run
+    arch = json.loads((run_dir / "derive" / "architecture.json").read_text())
+    # the 27-point grid and 256 task vectors of the training distribution (conf/model/tasnet_search.yaml)
+    assert arch["decision"]["rule"] == "declared" and arch["decision"]["tasks"] == 27 + 256
+    assert arch["decision"]["shared_maps"] == manifest["stages"]["derive"]["products"]["summary"]["shared_maps"]
+    assert set(arch["decision"]["agreement"]) == {m["name"] for m in arch["maps"]}
+    logged = (next((run_dir / "search" / "csv").glob("version_*")) / "metrics.csv").read_text().splitlines()[0]
+    assert "agreement/conv_first" in logged and "agreement/HRconv" in logged  # how close each map sits to gamma
+
+
+def test_a_baseline_cresmd_joins_the_comparison_with_its_ground_truth(tiny_run):
+    """At paper scale TASNet is compared with the absolute-GT CResMD too (stage `baseline`)."""
+    run_dir, overrides, manifest = tiny_run
+    products = manifest["products"]
+    again = run_dir.parent / "with_baseline"
+    run_pipeline(pipeline_cfg([*[o for o in overrides if not o.startswith("hydra.run.dir")],
+                               f"hydra.run.dir={again}", "pipeline.stages=[baseline,evaluate]",
+                               f'pipeline.baseline.extra="model=cresmd_tiny {TINY_DATA}"',
+                               f"pipeline.inputs.cresmd_ckpt={products['cresmd_ckpt']}",
+                               f"pipeline.inputs.tasnet_ckpt={products['tasnet_ckpt']}"]), again)
+    table = (again / "evaluate" / "comparison.md").read_text()
+    assert "| CResMD-baseline: CResMD trained with absolute GT (baseline) |" in table
+    assert "| CResMD: CResMD trained with relative GT (the CResMD TASNet was searched from) |" in table
+    assert "PSNR TASNet - CResMD |" in table and "PSNR TASNet - CResMD-baseline |" in table
+    assert len([line for line in table.splitlines() if line.startswith("| r=")]) == 27
 
 
 def test_bench_measures_tasnet_against_cresmd(tiny_run):
@@ -95,12 +131,12 @@ def test_bench_measures_tasnet_against_cresmd(tiny_run):
 
 def test_a_second_start_keeps_finished_stages(tiny_run, caplog):
     run_dir, overrides, manifest = tiny_run
-    before = {name: (run_dir / name / "stage.json").stat().st_mtime_ns for name in STAGES}
+    before = {name: (run_dir / name / "stage.json").stat().st_mtime_ns for name in DEFAULT_STAGES}
     with caplog.at_level("INFO", logger="cirlab.pipeline"):
         again = run_pipeline(pipeline_cfg(overrides), run_dir)
-    assert {name: (run_dir / name / "stage.json").stat().st_mtime_ns for name in STAGES} == before
+    assert {name: (run_dir / name / "stage.json").stat().st_mtime_ns for name in DEFAULT_STAGES} == before
     assert again["products"] == manifest["products"]
-    assert sum("already done" in r.getMessage() for r in caplog.records) == len(STAGES)
+    assert sum("already done" in r.getMessage() for r in caplog.records) == len(DEFAULT_STAGES)
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("pipeline finished"))
     assert str(run_dir / "bench" / "cost.md") in summary and str(run_dir / "derive" / "tasnet.ckpt") in summary
     entry = again["stages"]["bench"]["products"]["tasnet_vs_cresmd"]["32x48"]
@@ -150,6 +186,8 @@ def test_a_stage_built_for_another_model_is_an_error(tmp_path, shared_cache):
     ("pipeline.cresmd.checkpoint=first", "pipeline.cresmd.checkpoint='first': best or last"),
     (f"pipeline.inputs.cresmd_ckpt={Path(__file__).resolve()}", "cresmd_ckpt is set but stage 'cresmd' would make it"),
     ("pipeline.cresmd.extra=3", "pipeline.cresmd.extra must be a list of Hydra overrides"),
+    ("pipeline.threads=0", "pipeline.threads=0: a positive number of torch threads"),
+    ("pipeline.stages=[baseline,derive]", "stage 'derive' needs search_ckpt"),
 ])
 def test_bad_pipeline_settings_name_the_key(override, message):
     with pytest.raises(PipelineError, match=message):
@@ -187,6 +225,12 @@ def test_the_paper_pipeline_composes_every_stage_with_its_recipe(tmp_path):
     cresmd = compose_job("train", _train_overrides(spec, "cresmd", 1, []), tmp_path)
     assert cresmd.model.net.nf == 64 and cresmd.model.net.nb == 32 and cresmd.trainer.max_steps == 1_000_000
     assert cresmd.sampling.ground_truth == "relative" and cresmd.trainer.accelerator == "gpu"
+    # TASNet is compared with the relative-GT CResMD it was searched from and the absolute-GT
+    # CResMD of the paper's Tables 2 and 4
+    assert "baseline" in spec["stages"]
+    baseline = compose_job("train", _train_overrides(spec, "baseline", 1, []), tmp_path)
+    assert baseline.sampling.ground_truth == "absolute" and baseline.trainer.max_steps == 1_000_000
+    assert baseline.model.net.nb == 32 and baseline.model._target_.endswith(".CResMD")
     search = compose_job("train", _train_overrides(spec, "search", 1, []), tmp_path)
     assert search.model._target_.endswith("TASNetSearch") and search.model.net.nb == 32
     finetune = compose_job("train", _train_overrides(spec, "finetune", 1, []), tmp_path)

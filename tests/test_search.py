@@ -13,6 +13,7 @@ from cirlab.archs.tasnet_search import (
     gate,
     sharing_decision,
 )
+from tasnet_testing import AGREEING_BATCH, MIXED_BATCH, task_dependent_net
 
 
 def test_gate_forward_is_the_indicator_and_backward_the_sigmoid_derivative():
@@ -142,3 +143,81 @@ def test_folded_shared_masks_equal_multiplied_masks_and_pass_gradients(shared):
     torch.testing.assert_close(result.output, expected, rtol=1e-5, atol=1e-6)
     result.output.sum().backward()
     assert all(c.fc2.weight.grad is not None for c in net.controllers)
+
+
+# --------------------------------------------------------------------------- the decision's task set
+def test_the_batch_rule_decides_on_whichever_tasks_the_last_batch_held():
+    """Why the decision moved to a declared task set: with the batch rule two batches at the
+    same weights give different architectures."""
+    decisions = []
+    for tasks in (AGREEING_BATCH, MIXED_BATCH):
+        net = task_dependent_net(decision="batch").train()
+        net.search_forward(torch.rand(4, 3, 8, 8), tasks)
+        decisions.append(net.shared_maps())
+    assert decisions[0] == 7 and decisions[1] < 7
+
+
+def test_declared_decision_depends_on_the_weights_not_on_the_batch():
+    net = task_dependent_net().train()
+    states = []
+    for tasks in (AGREEING_BATCH, MIXED_BATCH, torch.rand(16, 3)):
+        net.search_forward(torch.rand(tasks.shape[0], 3, 8, 8), tasks)
+        states.append((net.phi.clone(), net.eta.clone(), net.z_agnostic.clone()))
+    for phi, eta, z in states[1:]:
+        assert torch.equal(phi, states[0][0]) and torch.equal(eta, states[0][1]) and torch.equal(z, states[0][2])
+    # z^a is eq. 5 over the declared set, and eta is eq. 6 over that set
+    declared = [c(net.decision_tasks) for c in net.controllers]
+    torch.testing.assert_close(net.z_agnostic, torch.stack([z.mean(dim=0) for z in declared]))
+    expected = torch.stack([agreement((z > 0).float(), (z.mean(dim=0) > 0).float(), net.gamma) for z in declared])
+    assert torch.equal(net.eta, expected) and torch.equal(net.phi, sharing_decision(expected))
+    assert 0 < net.shared_maps() < 7  # these controllers: a shared prefix and a task-specific rest
+
+
+def test_declared_z_agnostic_carries_the_gradient_to_every_controller_through_the_declared_set():
+    net = task_dependent_net().train()
+    net.set_decision_tasks(torch.rand(40, 3))
+    result = net.search_forward(torch.rand(2, 3, 8, 8), torch.rand(2, 3))
+    torch.stack([ga.sum() for ga in result.gates_agnostic]).sum().backward()
+    assert all(c.fc2.weight.grad is not None and c.fc2.weight.grad.abs().sum() > 0 for c in net.controllers)
+
+
+def test_decide_recomputes_the_decision_from_the_weights():
+    net = task_dependent_net().train()
+    net.search_forward(torch.rand(2, 3, 8, 8), torch.rand(2, 3))
+    expected = net.phi.clone(), net.z_agnostic.clone()
+    net.phi.fill_(True)
+    net.z_agnostic.zero_()
+    net.decide()
+    assert torch.equal(net.phi, expected[0]) and torch.equal(net.z_agnostic, expected[1])
+    with pytest.raises(ValueError, match="decision='batch'"):
+        tiny_net(decision="batch").decide()
+
+
+def test_decision_settings_name_the_key():
+    with pytest.raises(ValueError, match="model.net.decision='last'"):
+        tiny_net(decision="last")
+    with pytest.raises(ValueError, match=r"decision tasks must be \(K >= 1, 3\)"):
+        tiny_net().set_decision_tasks(torch.zeros(0, 3))
+
+
+def test_a_declared_set_of_another_size_survives_a_reload():
+    net = task_dependent_net()
+    net.set_decision_tasks(torch.rand(50, 3))
+    fresh = tiny_net()
+    fresh.load_state_dict(net.state_dict(), strict=True)
+    assert torch.equal(fresh.decision_tasks, net.decision_tasks)
+
+
+def test_during_the_warm_up_nothing_is_shared_but_agreement_is_still_measured():
+    net = task_dependent_net()
+    net.sharing_on.fill_(False)
+    net.search_forward(torch.rand(4, 3, 8, 8), AGREEING_BATCH)
+    assert net.shared_maps() == 0 and net.eta.any() and (net.agreement > 0).any()
+    net.sharing_on.fill_(True)
+    net.search_forward(torch.rand(4, 3, 8, 8), AGREEING_BATCH)
+    assert net.shared_maps() > 0
+    fresh = tiny_net()  # a state dict from before the warm-up existed loads with sharing on
+    state = {k: v for k, v in net.state_dict().items() if k != "sharing_on"}
+    net.sharing_on.fill_(False)
+    fresh.load_state_dict(state, strict=True)
+    assert bool(fresh.sharing_on)

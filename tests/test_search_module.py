@@ -88,3 +88,28 @@ def test_tasnet_optuna_study_runs_a_trial_with_both_objectives(tmp_path, shared_
     (trial,) = study.trials
     assert set(trial.params) == {"model.lambda1", "model.lambda2", "model.net.gamma"}
     assert len(trial.values) == 2 and trial.values[1] > 0  # PSNR and GFLOPs per inference
+
+
+def test_the_declared_set_is_the_grid_plus_training_tasks_and_the_warm_up_shares_nothing(train_cfg, tmp_path):
+    """The module declares the decision's task set (the workload grid and model.decision_samples
+    task vectors of the training distribution, the same for every run) and, during
+    model.sharing_warmup steps, keeps every map task-specific."""
+    import torch
+
+    from cirlab.checkpoints import read_checkpoint
+
+    sets = []
+    for name, warmup in (("a", 100), ("b", 0)):
+        metrics = short_search(train_cfg, tmp_path, name, "model.decision_samples=40", f"model.sharing_warmup={warmup}",
+                               "model.lambda1=0.0", "model.lambda2=0.0")
+        state = read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")["state_dict"]
+        sets.append(state["net.decision_tasks"])
+        arch = json.loads((tmp_path / name / "search" / "architecture.json").read_text())
+        assert arch["decision"] == {"rule": "declared", "gamma": 0.5, "tasks": 7 + 40}
+        assert all("agreement" in m for m in arch["maps"])
+        if warmup:
+            assert metrics["search/shared_maps"] == 0 and not bool(state["net.sharing_on"])
+        else:
+            assert metrics["search/shared_maps"] > 0
+    assert torch.equal(sets[0], sets[1]) and sets[0].shape == (47, 3)
+    assert torch.all(sets[0] >= 0) and torch.all(sets[0] <= 1)

@@ -43,13 +43,19 @@ def test_table_experiments_compose_with_their_settings():
     tasnet = compose("train", ["experiment=tasnet_finetune_paper"])
     assert tasnet.model._target_.endswith("TASNetFinetune") and tasnet.sampling.ground_truth == "relative"
     assert tasnet.trainer.max_steps == 200_000 and tasnet.model.optimizer.lr == 1e-4
-    assert compose("train", ["experiment=tasnet_a_paper"]).sampling.ground_truth == "absolute"
+    tasnet_a = compose("train", ["experiment=tasnet_a_paper"])
+    assert tasnet_a.sampling.ground_truth == "absolute"
+    # as many steps after its (absolute-GT) CResMD as TASNet's weights get after theirs: 200k + 200k
+    assert tasnet_a.trainer.max_steps == 400_000 and list(tasnet_a.model.scheduler.milestones) == [200_000, 300_000]
     assert compose("train", ["experiment=tsnet_finetune_paper"]).sampling.ground_truth == "relative"
     tsnet = compose("train", ["experiment=tsnet_search_paper"])
     assert tsnet.model.net.sharing is False and tsnet.model._target_.endswith("TASNetSearch")
-    for experiment, fraction in zip(NAIVE_EXPERIMENTS, (0.31, 0.62, 0.99)):
+    assert tsnet.model.lambda2 == 0.0 and tsnet.model.lambda1 == 0.1  # no sharing: R2 has nothing to lengthen
+    assert compose("train", ["experiment=tasnet_search_paper"]).model.lambda2 == 0.1
+    for experiment, flops in zip(NAIVE_EXPERIMENTS, (132.0, 69.5, 7.0)):  # of CResMD's 189.1 G (Table 4)
         cfg = compose("train", [f"experiment={experiment}"])
-        assert cfg.model.net.shared_fraction == fraction and cfg.sampling.ground_truth == "absolute"
+        assert cfg.model.net.flops_fraction == pytest.approx(flops / 189.1, abs=1e-4)
+        assert cfg.model.net.shared_fraction is None and cfg.sampling.ground_truth == "absolute"
         assert (cfg.model.net.nf, cfg.model.net.nb) == (64, 32) and cfg.trainer.max_steps == 1_000_000
 
 
@@ -74,7 +80,8 @@ def test_every_table_experiment_runs_one_tiny_step(experiment, tmp_path, shared_
     assert metrics["train/l1"] > 0 and metrics["val/psnr"] > 0
     assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
     if experiment in NAIVE_EXPERIMENTS:
-        expected = {"cresmd_shared31_paper": 2, "cresmd_shared62_paper": 5, "cresmd_shared99_paper": 7}[experiment]
+        # nb = 2: the maps whose FLOPs fraction is closest to the paper's (nb = 32: 24, 48, 67)
+        expected = {"cresmd_shared31_paper": 5, "cresmd_shared62_paper": 6, "cresmd_shared99_paper": 7}[experiment]
         assert metrics["model/shared_maps"] == expected
 
 

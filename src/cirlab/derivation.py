@@ -5,9 +5,14 @@ architecture, weights and provenance; plain tensors and containers only),
 ``architecture.json`` (the architecture plus a readable summary: shared depth, channels per map
 on the workload grid, FLOPs per inference against CResMD) and ``architecture.png``.
 
-Derivation (:func:`derive`), from the search network's stored state:
+Derivation (:func:`derive`), from the search network's state:
 
-* phi (the ``phi`` buffer) is frozen: its first S maps are the shared prefix;
+* [choice] the sharing decision is recomputed from the final weights over the search's declared
+  task set (``TASNetSearchNet.decide``: the evaluation grid plus task vectors drawn from the
+  training distribution, kept in the checkpoint): z^a is the mean of z^s over that set, eta and
+  phi follow (eqs. 5-7). It does not depend on the last training batch. A search with
+  ``decision="batch"`` (and a checkpoint from before declared sets) keeps its stored state;
+* phi is frozen: its first S maps are the shared prefix;
 * a shared map keeps the channels ``{c : z^a_c > 0}`` of the EMA importance ``z_agnostic``,
   physically: the weights of the convolution producing it are sliced on their output rows, and
   on their input columns where the input map is shared too; a shared block's ``agnostic_scale``
@@ -17,6 +22,14 @@ Derivation (:func:`derive`), from the search network's stored state:
   map's channels;
 * the controllers of shared maps, the ``local_scale`` of shared blocks, the unused
   ``agnostic_scale`` rows and the search statistics are dropped.
+
+TASNet-A (Table 4: TASNet's architecture trained with absolute ground truth): [choice]
+``derive_checkpoint(..., weights=<absolute-GT CResMD checkpoint>)`` (``cirlab-derive --weights``)
+takes the architecture (decision, kept channels, controllers) from the search and the weights
+from that CResMD (the shared blocks' scales become its ``local_scale(0.5)``, as at the start of
+a search); ``experiment=tasnet_a_paper`` then fine-tunes it with absolute ground truth. No
+weight of TASNet-A is then trained with relative ground truth; only the architecture, which is
+TASNet's by definition, comes from the relative-GT search.
 
 The derived network computes what ``TASNetSearchNet.search_forward`` computes in eval mode
 (stored phi, EMA z^a, per-task gates), up to float summation order (the tests check 1e-5).
@@ -51,8 +64,11 @@ def load_search_net(path: str | Path):
     target = resolve_target(config.pop("_target_", ""))
     if not target.endswith("TASNetSearchNet"):
         raise ValueError(f"{path} is not a TASNet search checkpoint (its network is {target or 'unknown'!r})")
+    state = net_state_dict(checkpoint, path=path, key="--ckpt")
+    if "decision" not in config and "decision_tasks" not in state:
+        config["decision"] = "batch"  # searched before declared task sets: its stored decision is its own
     net = TASNetSearchNet(**{k: v for k, v in config.items() if not k.startswith("_")})
-    net.load_state_dict(net_state_dict(checkpoint, path=path, key="--ckpt"), strict=True)
+    net.load_state_dict(state, strict=True)
     return net.eval()
 
 
@@ -68,9 +84,26 @@ def shared_channels(search_net) -> list[list[int]]:
     return [torch.nonzero(z[k] > 0).flatten().tolist() for k in range(shared)]
 
 
+def decision_summary(search_net) -> dict:
+    """How the frozen decision was taken and how close each map's agreement sits to gamma."""
+    from cirlab.archs.flops import searchable_maps
+
+    declared = search_net.decision == "declared"
+    return {"rule": search_net.decision, "gamma": search_net.gamma,
+            "tasks": int(search_net.decision_tasks.shape[0]) if declared else None,
+            "shared_maps": int(search_net.phi.sum()),
+            "agreement": {spec.name: round(float(r), 4) for spec, r in
+                          zip(searchable_maps(search_net.nb, search_net.nf), search_net.agreement.tolist())}
+            if declared else None}
+
+
 @torch.no_grad()
 def derive(search_net) -> TASNet:
-    """The derived TASNet of a ``TASNetSearchNet`` in its current state (module docstring)."""
+    """The derived TASNet of a ``TASNetSearchNet`` (module docstring): with ``decision="declared"``
+    the decision is first recomputed over the declared task set (stored back into ``search_net``,
+    whose eval output the derived network then reproduces)."""
+    if search_net.decision == "declared":
+        search_net.decide()
     sup = search_net.supernet
     nf, nb, n_maps = search_net.nf, search_net.nb, search_net.num_maps
     kept = shared_channels(search_net)
@@ -158,20 +191,42 @@ class Derived:
     summary: dict
 
 
+def use_cresmd_weights(search_net, path: str | Path) -> None:
+    """Replace the supernetwork's weights by those of a cirlab CResMD checkpoint (TASNet-A); the
+    shared blocks' scales restart at that CResMD's ``local_scale(0.5)``."""
+    from cirlab.checkpoints import net_state_dict, read_checkpoint
+
+    weights = net_state_dict(read_checkpoint(path, key="--weights", what="CResMD checkpoint"), path=path, key="--weights")
+    try:
+        search_net.supernet.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"--weights {path}: not a CResMD of the search's shape (nf {search_net.nf}, "
+                         f"nb {search_net.nb}): {str(error).splitlines()[0]}") from None
+    search_net.reset_agnostic_scales()
+
+
 def derive_checkpoint(search_ckpt: str | Path, out_dir: str | Path, grid: str | list = "cresmd27",
-                      height: int = HD[0], width: int = HD[1], figure: bool = True) -> Derived:
+                      height: int = HD[0], width: int = HD[1], figure: bool = True,
+                      weights: str | Path | None = None) -> Derived:
     """Derive from a search checkpoint and write ``tasnet.ckpt``, ``architecture.json`` (and
-    ``architecture.png``) into ``out_dir``."""
+    ``architecture.png``) into ``out_dir``. ``weights``: a CResMD checkpoint whose weights the
+    derived architecture takes instead of the search's (TASNet-A, module docstring)."""
     from cirlab.utils.files import atomic_path
 
     search_ckpt, out_dir = Path(search_ckpt), Path(out_dir)
-    net = derive(load_search_net(search_ckpt))
+    search_net = load_search_net(search_ckpt)
+    if weights is not None:
+        use_cresmd_weights(search_net, weights)
+    net = derive(search_net)
     summary = summarize(net, grid, height, width)
-    meta = {"derived_from": str(search_ckpt), "summary": summary}
+    decision = decision_summary(search_net)
+    meta = {"derived_from": str(search_ckpt), "summary": summary, "decision": decision,
+            "weights_from": str(weights) if weights is not None else str(search_ckpt)}
     ckpt_path = net.save(out_dir / "tasnet.ckpt", meta=meta)
     json_path = out_dir / "architecture.json"
     with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps({**net.architecture, "derived_from": str(search_ckpt), "summary": summary}, indent=1) + "\n")
+        tmp.write_text(json.dumps({**net.architecture, "derived_from": str(search_ckpt), "weights_from": meta["weights_from"],
+                                   "decision": decision, "summary": summary}, indent=1) + "\n")
     figure_path = None
     if figure:
         import matplotlib.pyplot as plt

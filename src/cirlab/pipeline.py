@@ -3,11 +3,14 @@
 Stages, in order, each a job of its own in a sub-folder of the pipeline's run directory:
 
   1. ``cresmd``   train the CResMD supernetwork (``cirlab-train``; its best checkpoint);
+     ``baseline`` (optional) another CResMD to compare against, trained apart: at paper scale the
+                  absolute-GT CResMD of TASNet Tables 2 and 4 (``cresmd_paper``);
   2. ``search``   the architecture search started from it (``model.init_ckpt``; its last checkpoint);
   3. ``derive``   ``cirlab-derive``: the standalone TASNet (``tasnet.ckpt``, ``architecture.json``);
   4. ``finetune`` fine-tune the derived network (``model.derived_ckpt``; its best checkpoint);
-  5. ``evaluate`` ``cirlab-eval`` of CResMD and TASNet on the same test grid, side by side in
-                  ``evaluate/comparison.md`` (PSNR, SSIM and FLOPs per task);
+  5. ``evaluate`` ``cirlab-eval`` of CResMD (and the baseline, when there is one) and TASNet on
+                  the same test grid, side by side in ``evaluate/comparison.md`` (PSNR, SSIM and
+                  FLOPs per task), each labelled with the ground truth it was trained with;
   6. ``bench``    ``cirlab-bench cost`` of CResMD, TASNet and naive sharing on the 27-point workload.
 
 Before the first stage runs, every stage's config is composed and validated, and every given
@@ -48,10 +51,11 @@ from cirlab.utils.wandb import finish_wandb
 
 log = logging.getLogger(__name__)
 
-STAGES = ("cresmd", "search", "derive", "finetune", "evaluate", "bench")
-TRAINING = ("cresmd", "search", "finetune")
+STAGES = ("cresmd", "baseline", "search", "derive", "finetune", "evaluate", "bench")
+TRAINING = ("cresmd", "baseline", "search", "finetune")
 # the product of a stage that later stages consume, and the `pipeline.inputs` key replacing it
-PRODUCT = {"cresmd": "cresmd_ckpt", "search": "search_ckpt", "derive": "derived_ckpt", "finetune": "tasnet_ckpt"}
+PRODUCT = {"cresmd": "cresmd_ckpt", "baseline": "baseline_ckpt", "search": "search_ckpt", "derive": "derived_ckpt",
+           "finetune": "tasnet_ckpt"}
 NEEDS = {"search": ["cresmd_ckpt"], "derive": ["search_ckpt"], "finetune": ["derived_ckpt"],
          "evaluate": ["cresmd_ckpt", "tasnet_ckpt"], "bench": ["cresmd_ckpt", "tasnet_ckpt"]}
 PIPELINE_KEYS = {"task_name", "tags", "seed", "pipeline", "paths", "hydra"}
@@ -104,6 +108,9 @@ def check_pipeline_config(cfg: DictConfig) -> dict:
                                     f"pipeline.stages or set pipeline.inputs.{need}")
             if producer in stages and STAGES.index(producer) > STAGES.index(stage):
                 raise PipelineError(f"pipeline stage {stage!r} needs {need} from the later stage {producer!r}")
+    threads = spec.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise PipelineError(f"pipeline.threads={threads!r}: a positive number of torch threads, or null (torch's default)")
     for stage in TRAINING:
         node = spec.get(stage) or {}
         if node.get("checkpoint", "best") not in ("best", "last"):
@@ -159,7 +166,8 @@ def precheck(spec: dict, seed: int, run_dir: Path) -> None:
         if stage in TRAINING:
             cfg = _compose("train", _train_overrides(spec, stage, seed, []), run_dir / stage, stage)
             target = str(cfg.model.get("_target_", ""))
-            expected = {"cresmd": "CResMD", "search": "TASNetSearch", "finetune": "TASNetFinetune"}[stage]
+            expected = {"cresmd": "CResMD", "baseline": "CResMD", "search": "TASNetSearch",
+                        "finetune": "TASNetFinetune"}[stage]
             if not target.endswith("." + expected):
                 raise PipelineError(f"pipeline.{stage}: its overrides build {target or 'no model'}, "
                                     f"the {stage} stage needs a {expected} (model._target_)")
@@ -229,6 +237,28 @@ def _run_derive(stage: Stage, spec: dict, search_ckpt: str) -> dict[str, Any]:
                                           "tasks", "height", "width") if k in s}}
 
 
+def ground_truth_of(ckpt: str) -> str | None:
+    """``relative`` or ``absolute``: the ``sampling.ground_truth`` of the training run that wrote
+    ``ckpt`` (its ``<run>/.hydra/config.yaml``, with the checkpoint in ``<run>/checkpoints/``);
+    None when that record is not there."""
+    config = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    value = OmegaConf.select(OmegaConf.load(config), "sampling.ground_truth")
+    return str(value) if value is not None else None
+
+
+def model_labels(checkpoints: dict[str, str]) -> dict[str, str]:
+    """What each compared model is, for the comparison table."""
+    def gt(name: str) -> str:
+        value = ground_truth_of(checkpoints[name])
+        return f"{value} GT" if value else "ground truth not recorded"
+
+    roles = {"CResMD": "the CResMD TASNet was searched from", "CResMD-baseline": "baseline",
+             "TASNet": "searched, derived and fine-tuned"}
+    return {name: f"{name.split('-')[0]} trained with {gt(name)} ({roles.get(name, name)})" for name in checkpoints}
+
+
 def _run_evaluate(stage: Stage, spec: dict, seed: int, checkpoints: dict[str, str]) -> dict[str, Any]:
     from cirlab.evaluation.grid import evaluate
     from cirlab.reports import comparison_table
@@ -243,12 +273,14 @@ def _run_evaluate(stage: Stage, spec: dict, seed: int, checkpoints: dict[str, st
             scored[name] = evaluate(cfg)
         finally:
             finish_wandb()
+    labels = model_labels(checkpoints)
     table = comparison_table({name: result.metrics for name, result in scored.items()},
-                             {name: result.per_task for name, result in scored.items()}, _flops_per_task(checkpoints))
+                             {name: result.per_task for name, result in scored.items()}, _flops_per_task(checkpoints),
+                             labels)
     path = stage.folder / "comparison.md"
     write_text_atomically(path, table)
     log.info("CResMD and TASNet side by side:\n%s", table)
-    return {"comparison_md": str(path),
+    return {"comparison_md": str(path), "labels": labels,
             "metrics": {name: {k: v for k, v in r.metrics.items() if "_grid/" not in k} for name, r in scored.items()},
             "run_dirs": {name: str(stage.folder / name.lower()) for name in checkpoints}}
 
@@ -313,9 +345,26 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str
     stages = [s for s in STAGES if s in spec["stages"]]
     products: dict[str, Any] = {k: str(Path(v).resolve()) for k, v in (spec.get("inputs") or {}).items() if v}
     precheck(spec, seed, run_dir)
-    log.info("pipeline: %s in %s", " -> ".join(stages), run_dir)
+    import torch
 
-    manifest: dict[str, Any] = {"run_dir": str(run_dir), "stages": {}, "inputs": dict(products)}
+    saved_threads = torch.get_num_threads()
+    if spec.get("threads"):
+        # [choice] one explicit intra-op thread count for every stage: float summation order, and
+        # so a search's numerics, depend on it (the bench stage still times its own counts)
+        torch.set_num_threads(int(spec["threads"]))
+    try:
+        log.info("pipeline: %s in %s (%d torch threads)", " -> ".join(stages), run_dir, torch.get_num_threads())
+        return _run_stages(cfg, spec, seed, run_dir, stages, products)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run_stages(cfg: DictConfig, spec: dict, seed: int, run_dir: Path, stages: list[str],
+                products: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    manifest: dict[str, Any] = {"run_dir": str(run_dir), "stages": {}, "inputs": dict(products),
+                                "torch_threads": torch.get_num_threads()}
     for name in stages:
         folder = run_dir / name
         links = {"search": [f"model.init_ckpt={products.get('cresmd_ckpt')}"],
@@ -343,8 +392,13 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str
                 elif name == "derive":
                     result = _run_derive(stage, spec, products["search_ckpt"])
                 elif name == "evaluate":
-                    result = _run_evaluate(stage, spec, seed, {"CResMD": products["cresmd_ckpt"],
-                                                               "TASNet": products["tasnet_ckpt"]})
+                    # [choice] TASNet against the CResMD it was searched from and, when the run has
+                    # one (stage `baseline` or pipeline.inputs.baseline_ckpt), a second CResMD:
+                    # the paper's Tables 2 and 4 compare with an absolute-GT CResMD
+                    compared = {"CResMD": products["cresmd_ckpt"]}
+                    if products.get("baseline_ckpt"):
+                        compared["CResMD-baseline"] = products["baseline_ckpt"]
+                    result = _run_evaluate(stage, spec, seed, {**compared, "TASNet": products["tasnet_ckpt"]})
                 else:
                     result = _run_bench(stage, spec, products["cresmd_ckpt"], products["tasnet_ckpt"])
             record = _finish_stage(stage, result, started)
@@ -359,6 +413,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str
 
 ARTIFACTS: list[tuple[str, str, Callable[[dict], Any]]] = [
     ("cresmd", "CResMD checkpoint", lambda p: p.get("cresmd_ckpt")),
+    ("baseline", "baseline CResMD", lambda p: p.get("baseline_ckpt")),
     ("search", "search checkpoint", lambda p: p.get("search_ckpt")),
     ("derive", "derived TASNet", lambda p: p.get("derived_ckpt")),
     ("derive", "its architecture", lambda p: p.get("architecture_json")),

@@ -98,40 +98,47 @@ def write_grid_tables(result: PerTaskResult, averages: dict[str, float], out_dir
 
 
 def comparison_table(averages: dict[str, dict[str, float]], results: dict[str, PerTaskResult],
-                     flops: dict[str, dict]) -> str:
+                     flops: dict[str, dict], labels: dict[str, str] | None = None) -> str:
     """Markdown comparing models scored on the same grid: their averages, then one row per task
     with each model's PSNR, SSIM and GFLOPs (``flops[name]``: ``labels``, ``first_pass`` per task
-    and ``total`` of the workload, in FLOPs)."""
+    and ``total`` of the workload, in FLOPs). ``labels[name]`` says what each model is (e.g. which
+    ground truth a CResMD was trained with); the first model is the FLOPs reference, and the
+    per-task PSNR differences are the last model's against each other one."""
     names = list(averages)
+    labels = {name: (labels or {}).get(name, name) for name in names}
     lines = ["# CResMD and TASNet on the same test grid", "",
              "Averages over the degraded task vectors (the clean point apart); FLOPs of the whole 27-point "
-             "workload on one 1280x720 image (2 per MAC, convolutions only; TASNet's shared prefix once).", "",
-             "| model | PSNR (dB) | SSIM | GFLOPs (27 tasks, HD) | FLOPs vs " + names[0] + " |", "|---|---|---|---|---|"]
+             "workload on one 1280x720 image (2 per MAC, convolutions only; TASNet's shared prefix once).", ""]
+    if any(labels[name] != name for name in names):
+        lines += ["Models: " + "; ".join(f"**{name}** = {labels[name]}" for name in names) + ".", ""]
+    lines += ["| model | PSNR (dB) | SSIM | GFLOPs (27 tasks, HD) | FLOPs vs " + names[0] + " |", "|---|---|---|---|---|"]
     base = flops[names[0]]["total"]
     for name in names:
         m = averages[name]
         total = flops[name]["total"]
-        lines.append(f"| {name} | {m.get('test/psnr', float('nan')):.2f} | {m.get('test/ssim', float('nan')):.4f} | "
+        shown = name if labels[name] == name else f"{name}: {labels[name]}"
+        lines.append(f"| {shown} | {m.get('test/psnr', float('nan')):.2f} | {m.get('test/ssim', float('nan')):.4f} | "
                      f"{total / 1e9:,.1f} | {100 * total / base:.1f}% |")
     by_label = {name: {row["label"]: row for row in results[name].rows()} for name in names}
-    labels = results[names[0]].labels
+    task_labels = results[names[0]].labels
+    last, others = names[-1], names[:-1]
     header = ["task (r, sigma, q)"]
     for name in names:
         header += [f"{name} PSNR", f"{name} SSIM", f"{name} GFLOPs"]
-    if len(names) == 2:
-        header.append(f"PSNR {names[1]} - {names[0]}")
+    header += [f"PSNR {last} - {name}" for name in others]
     lines += ["", "Per task (GFLOPs: that task alone, prefix included, at 1280x720):", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     flops_by_label = {name: dict(zip(flops[name]["labels"], flops[name]["first_pass"])) for name in names}
-    for label in labels:
+    for label in task_labels:
         cells = [_task_name(by_label[names[0]][label])]
         for name in names:
             row = by_label[name].get(label, {})
             g = flops_by_label[name].get(label)
             cells += [f"{row['psnr']:.2f}" if "psnr" in row else "", f"{row['ssim']:.4f}" if "ssim" in row else "",
                       f"{g / 1e9:.2f}" if g is not None else ""]
-        if len(names) == 2:
-            a, b = by_label[names[0]].get(label, {}), by_label[names[1]].get(label, {})
+        b = by_label[last].get(label, {})
+        for name in others:
+            a = by_label[name].get(label, {})
             cells.append(f"{b['psnr'] - a['psnr']:+.2f}" if "psnr" in a and "psnr" in b else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -276,25 +276,78 @@ class TASNet(nn.Module):
         return {"shared": shared, "per_task": per_task, "total": shared + sum(per_task)}
 
 
+# [choice] TASNet Table 4's naive-sharing variants, keyed by the paper's "% shared layers"
+# label, are defined by the paper's own FLOPs for them (per inference on the 27-point workload,
+# of CResMD's 189.1 G): 132.0, 69.5 and 7.0 G. Counting CResMD's 2 nb + 4 = 68 convolutions
+# instead (31% -> 21, 62% -> 42 maps) gives 0.733 and 0.453 of CResMD's FLOPs, and no count of
+# layers reproduces 0.698 and 0.368; the maps whose FLOPs match are 24, 48 and 67 at nb = 32.
+TABLE4_FLOPS = {0.31: 132.0 / 189.1, 0.62: 69.5 / 189.1, 0.99: 7.0 / 189.1}
+
+
+def naive_flops_fraction(nf: int, nb: int, shared_maps: int, tasks: int = 27, height: int = 720,
+                         width: int = 1280) -> float:
+    """FLOPs of CResMD with its first ``shared_maps`` maps shared (computed once for ``tasks``
+    task vectors) over CResMD's for the same tasks, on one ``height x width`` image."""
+    from cirlab.archs.flops import cresmd_flops
+
+    maps = 2 * nb + 3
+    if not 0 <= shared_maps <= maps:
+        raise ValueError(f"shared_maps={shared_maps} must be in [0, {maps}]")
+    phi = torch.arange(maps) < shared_maps
+    state = MaskState(phi=phi, masks=[torch.ones(tasks, nf, dtype=torch.bool) for _ in range(maps)])
+    return float(masked_flops(state, nf, nb, height, width)) / float(cresmd_flops(nf, nb, height, width, tasks=tasks))
+
+
+def maps_for_flops_fraction(nf: int, nb: int, flops_fraction: float, tasks: int = 27) -> int:
+    """The number of shared maps whose :func:`naive_flops_fraction` is closest to ``flops_fraction``
+    (ties: fewer maps)."""
+    if not 0.0 < flops_fraction <= 1.0:
+        raise ValueError(f"model.net.flops_fraction={flops_fraction} must be in (0, 1]")
+    costs = [naive_flops_fraction(nf, nb, s, tasks) for s in range(2 * nb + 4)]
+    return min(range(len(costs)), key=lambda s: (abs(costs[s] - flops_fraction), s))
+
+
+def table4_shared_maps(nf: int, nb: int, label: float) -> int:
+    """Shared maps of Table 4's naive variant ``label`` (0.31, 0.62 or 0.99): FLOPs as the paper's."""
+    key = round(float(label), 2)
+    if key not in TABLE4_FLOPS:
+        raise ValueError(f"{label}: Table 4's naive-sharing variants are {sorted(TABLE4_FLOPS)}")
+    return maps_for_flops_fraction(nf, nb, TABLE4_FLOPS[key])
+
+
 def naive_shared(nf: int = 64, nb: int = 32, cond_dim: int = 3, in_nc: int = 3, out_nc: int = 3,
-                 shared_fraction: float = 0.0, shared_maps: int | None = None,
-                 reference_task: float = 0.5) -> TASNet:
+                 shared_fraction: float | None = None, shared_maps: int | None = None,
+                 flops_fraction: float | None = None, reference_task: float = 0.5) -> TASNet:
     """CResMD with its first layers naively shared (TASNet Table 4), freshly initialised.
 
-    ``shared_fraction`` counts CResMD's ``2 nb + 4`` convolutions (``conv_first``, the trunk,
-    ``upconv``, ``HRconv``, ``conv_last``): the first ``round(fraction * (2 nb + 4))`` maps are
-    shared, at most all ``2 nb + 3`` (``conv_last`` then runs once and only ``global_scale(t)``
-    stays per task). For nb = 32: 31% -> 21, 62% -> 42, 99% -> 67 maps. Shared blocks are
-    unconditioned: scaled by a learned vector, initialised like CResMD's ``local_scale`` at
-    ``t = reference_task``. Usable as a Hydra ``_target_`` (``model.net``).
+    How many maps are shared, exactly one of:
+
+    * ``flops_fraction`` (Table 4's variants, ``TABLE4_FLOPS``): the number of maps whose FLOPs
+      on the 27-point workload, over CResMD's, is closest to it (:func:`maps_for_flops_fraction`;
+      nb = 32: 0.698 -> 24, 0.368 -> 48, 0.037 -> 67 maps);
+    * ``shared_maps``: that number;
+    * ``shared_fraction``: a fraction of CResMD's ``2 nb + 4`` convolutions (``conv_first``, the
+      trunk, ``upconv``, ``HRconv``, ``conv_last``), ``round(fraction * (2 nb + 4))`` maps, at
+      most all ``2 nb + 3`` (``conv_last`` then runs once and only ``global_scale(t)`` stays
+      per task); nb = 32: 0.31 -> 21, 0.62 -> 42.
+
+    Shared blocks are unconditioned: scaled by a learned vector, initialised like CResMD's
+    ``local_scale`` at ``t = reference_task``. Usable as a Hydra ``_target_`` (``model.net``).
     """
     if in_nc != out_nc:
         raise ValueError(f"in_nc={in_nc} must equal out_nc={out_nc}")
+    given = [k for k, v in (("flops_fraction", flops_fraction), ("shared_maps", shared_maps),
+                            ("shared_fraction", shared_fraction)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"model.net: give one of flops_fraction, shared_maps, shared_fraction (got {', '.join(given)})")
     maps = 2 * nb + 3
-    if shared_maps is None:
-        if not 0.0 <= shared_fraction <= 1.0:
-            raise ValueError(f"model.net.shared_fraction={shared_fraction} must be in [0, 1]")
-        shared_maps = min(maps, math.floor(shared_fraction * (maps + 1) + 0.5))
+    if flops_fraction is not None:
+        shared_maps = maps_for_flops_fraction(nf, nb, flops_fraction)
+    elif shared_maps is None:
+        fraction = 0.0 if shared_fraction is None else shared_fraction
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"model.net.shared_fraction={fraction} must be in [0, 1]")
+        shared_maps = min(maps, math.floor(fraction * (maps + 1) + 0.5))
     net = TASNet(make_architecture(nf, nb, cond_dim, in_nc, shared_maps=shared_maps))
     reference = torch.full((1, cond_dim), float(reference_task))
     with torch.no_grad():
@@ -307,4 +360,5 @@ def naive_shared(nf: int = 64, nb: int = 32, cond_dim: int = 3, in_nc: int = 3, 
 
 
 # FORMAT, make_architecture and receptive_radius are re-exported from tasnet_spec (long-standing import path)
-__all__ = ["FORMAT", "DerivedBlock", "TASNet", "TaskController", "make_architecture", "naive_shared", "receptive_radius"]
+__all__ = ["FORMAT", "TABLE4_FLOPS", "DerivedBlock", "TASNet", "TaskController", "make_architecture", "maps_for_flops_fraction",
+           "naive_flops_fraction", "naive_shared", "receptive_radius", "table4_shared_maps"]

@@ -25,9 +25,22 @@ Choices (docs/method.md marks them [choice]; written here next to the code):
   ``local_scale(t)``; it starts as ``local_scale(t_ref)`` for a reference task vector
   (``reset_agnostic_scales``; default t_ref = (0.5, 0.5, 0.5), the mean task of uniform
   sampling), so a pretrained CResMD starts the search close to its own behaviour.
-* In training mode eta and phi are computed from the batch's task vectors (M = batch size) and
-  stored; in eval mode the stored decision is used, so evaluation does not depend on which
-  tasks happen to share a batch. ``sharing=False`` forces phi = 0 (TSNet).
+* ``decision="declared"`` (default): z^a (eq. 5), eta (eq. 6) and phi (eq. 7) are computed over
+  a declared task set (buffer ``decision_tasks``: the evaluation grid plus a few hundred task
+  vectors drawn from the training distribution, set by ``TASNetSearch``), not over the batch's
+  M tasks. Controllers are tiny MLPs, so evaluating them on a few hundred task vectors costs
+  nothing next to the images; the decision is then a function of the weights alone, the same
+  at every step, at derivation (:meth:`TASNetSearchNet.decide`) and on any machine, up to the
+  weights' own numerics. ``decision="batch"``: the batch's task vectors (M = batch size) with
+  z^a an EMA of the batch means (the rule before; kept for comparison and old checkpoints).
+* In training mode the decision is recomputed every step and stored; in eval mode the stored
+  decision is used, so evaluation does not depend on which tasks happen to share a batch.
+  ``sharing=False`` forces phi = 0 (TSNet); so does ``sharing_on = False`` (a buffer the search
+  module clears during its warm-up, ``model.sharing_warmup``), while eta is still computed.
+  Reason for the warm-up: a search that starts with every channel on starts with every map
+  shared, and a shared map's controllers only receive the gradient of z^a (the mean over
+  tasks) and R2's pull towards it, so they never learn what each task needs and the map stays
+  shared; measured in docs/results.md.
 """
 
 from __future__ import annotations
@@ -71,6 +84,14 @@ def agreement(gates_specific: torch.Tensor, gates_agnostic: torch.Tensor, gamma:
     return overlap > gamma * gates_agnostic.sum()
 
 
+def agreement_ratio(gates_specific: torch.Tensor, gates_agnostic: torch.Tensor) -> torch.Tensor:
+    """The left side of eq. 6 over its right side without gamma: the mean fraction of the
+    task-agnostic channels that a task also selects (``eta_n = ratio > gamma``; 0 for a map whose
+    task-agnostic selection is empty, where eq. 6 is false for any gamma)."""
+    overlap = (gates_specific * gates_agnostic).sum(dim=1).mean()
+    return overlap / gates_agnostic.sum().clamp(min=1)
+
+
 def sharing_decision(eta: torch.Tensor) -> torch.Tensor:
     """phi of eq. 7: phi_n = prod_{i <= n} eta_i (bool (N,)); phi_0 = 1 is implicit."""
     return torch.cumprod(eta.to(torch.int64), dim=0).bool()
@@ -104,15 +125,21 @@ class TASNetSearchNet(nn.Module):
         ema_momentum: momentum of the z^a moving average (per training step).
         init_bias: controllers' initial output bias (> 0: all channels on).
         sharing: False disables the shared prefix (TSNet).
+        decision: ``declared`` (z^a, eta, phi over the task set ``decision_tasks``) or ``batch``
+            (over the batch's tasks, z^a an EMA with ``ema_momentum``); module docstring.
     """
 
     def __init__(self, nf: int = 64, nb: int = 32, cond_dim: int = 3, in_nc: int = 3, controller_hidden: int = 32,
-                 gamma: float = 0.5, ema_momentum: float = 0.99, init_bias: float = 3.0, sharing: bool = True) -> None:
+                 gamma: float = 0.5, ema_momentum: float = 0.99, init_bias: float = 3.0, sharing: bool = True,
+                 decision: str = "declared") -> None:
         super().__init__()
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"model.net.gamma={gamma} must be in [0, 1]")
         if not 0.0 <= ema_momentum < 1.0:
             raise ValueError(f"model.net.ema_momentum={ema_momentum} must be in [0, 1)")
+        if decision not in ("declared", "batch"):
+            raise ValueError(f"model.net.decision={decision!r}: 'declared' (over a declared task set) or 'batch'")
+        self.decision = decision
         self.supernet = CResMDNet(in_nc=in_nc, out_nc=in_nc, nf=nf, nb=nb, cond_dim=cond_dim)
         self.nf, self.nb, self.cond_dim = nf, nb, cond_dim
         self.num_maps = 2 * nb + 3
@@ -124,7 +151,35 @@ class TASNetSearchNet(nn.Module):
         self.register_buffer("ema_started", torch.zeros((), dtype=torch.bool))
         self.register_buffer("eta", torch.ones(self.num_maps, dtype=torch.bool))
         self.register_buffer("phi", torch.zeros(self.num_maps, dtype=torch.bool))
+        # the agreement ratio of each map at the last decision (how close eta sits to gamma)
+        self.register_buffer("agreement", torch.zeros(self.num_maps), persistent=False)
+        # the declared task set of decision="declared" (default: the 27-point grid; the search
+        # module adds task vectors from the training distribution)
+        from cirlab.tasks import level_grid
+
+        default = level_grid("cresmd27") if cond_dim == 3 else torch.zeros(0, cond_dim)
+        self.register_buffer("decision_tasks", default)
+        # False during the search's warm-up: phi = 0 (every map task-specific), eta still computed
+        self.register_buffer("sharing_on", torch.ones((), dtype=torch.bool))
         self.reset_agnostic_scales()
+
+    def set_decision_tasks(self, tasks: torch.Tensor) -> None:
+        """Declare the task set of the sharing decision, (K, cond_dim) with K >= 1."""
+        if tasks.ndim != 2 or tasks.shape[1] != self.cond_dim or tasks.shape[0] < 1:
+            raise ValueError(f"decision tasks must be (K >= 1, {self.cond_dim}), got {tuple(tasks.shape)}")
+        self.decision_tasks = tasks.detach().to(self.z_agnostic.device, torch.float32).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "decision_tasks"  # the declared set has the size its search gave it
+        if key not in state_dict and self.decision == "batch":
+            state_dict[key] = self.decision_tasks  # a checkpoint from before declared sets (batch rule)
+        if key in state_dict and state_dict[key].shape != self.decision_tasks.shape:
+            self.decision_tasks = torch.empty_like(state_dict[key], device=self.decision_tasks.device)
+        if prefix + "sharing_on" not in state_dict:  # a checkpoint from before the warm-up existed
+            state_dict[prefix + "sharing_on"] = self.sharing_on
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def reset_agnostic_scales(self, task: torch.Tensor | None = None) -> None:
@@ -137,27 +192,69 @@ class TASNetSearchNet(nn.Module):
 
     # ------------------------------------------------------------------------ decisions
     def importance(self, task: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """z^s per map (M, C) and z^a per map (C,) as used in the forward pass (EMA value,
-        gradient of the batch mean)."""
+        """z^s per map (M, C) and z^a per map (C,) as used in the forward pass. Training with
+        ``declared``: the mean of z^s over the declared task set (value and gradient). Otherwise
+        (eval mode, or training with ``batch``): the stored ``z_agnostic`` (the EMA), with the
+        gradient of the batch mean."""
+        specific, agnostic, _ = self._importance(task)
+        return specific, agnostic
+
+    def _importance(self, task: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+        """``importance`` plus, when training with a declared set, z^s over that set."""
         specific = [controller(task) for controller in self.controllers]
-        agnostic = []
+        if self.decision == "declared" and self.training:
+            declared = self.declared_importance()
+            return specific, [z.mean(dim=0) for z in declared], declared
+        agnostic = []  # eval mode (either rule): the stored z^a; training with "batch": its EMA
         for index, z in enumerate(specific):
             batch_mean = z.mean(dim=0)
             ema = self.z_agnostic[index] if bool(self.ema_started) else batch_mean.detach()
             agnostic.append(ema + (batch_mean - batch_mean.detach()))
-        return specific, agnostic
+        return specific, agnostic, None
+
+    def declared_importance(self) -> list[torch.Tensor]:
+        """z^s of every map over the declared task set, (K, C) each."""
+        if self.decision_tasks.shape[0] == 0:
+            raise ValueError("model.net.decision='declared' needs a declared task set (decision_tasks is empty)")
+        return [controller(self.decision_tasks) for controller in self.controllers]
 
     @torch.no_grad()
-    def _update_state(self, specific: list[torch.Tensor], gates_specific, gates_agnostic) -> None:
+    def _store_decision(self, gates_specific: list[torch.Tensor], gates_agnostic: list[torch.Tensor]) -> None:
+        eta = torch.stack([agreement(gs, ga, self.gamma) for gs, ga in zip(gates_specific, gates_agnostic)])
+        self.agreement.copy_(torch.stack([agreement_ratio(gs, ga) for gs, ga in zip(gates_specific, gates_agnostic)]))
+        self.eta.copy_(eta)
+        self.phi.copy_(sharing_decision(eta) if self.sharing and bool(self.sharing_on) else torch.zeros_like(eta))
+
+    @torch.no_grad()
+    def decide(self) -> None:
+        """Recompute and store z^a, eta and phi over the declared task set from the present weights
+        (``decision="declared"``); what :func:`cirlab.derivation.derive` freezes."""
+        if self.decision != "declared":
+            raise ValueError("decide() recomputes a declared-set decision; this network has decision='batch' "
+                             "(its stored decision is the last training batch's)")
+        specific = self.declared_importance()
+        agnostic = torch.stack([z.mean(dim=0) for z in specific])
+        self.z_agnostic.copy_(agnostic)
+        self.ema_started.fill_(True)
+        self._store_decision([(z > 0).float() for z in specific], [(z > 0).float() for z in agnostic])
+
+    @torch.no_grad()
+    def _update_state(self, specific: list[torch.Tensor], gates_specific, gates_agnostic,
+                      declared: list[torch.Tensor] | None = None) -> None:
+        """Store the training step's decision: over the declared set (``declared``: its z^s) or
+        over the batch (``gates_specific``), against the task-agnostic gates."""
+        if declared is not None:
+            self.z_agnostic.copy_(torch.stack([z.mean(dim=0) for z in declared]))
+            self.ema_started.fill_(True)
+            self._store_decision([(z > 0).float() for z in declared], [ga.detach() for ga in gates_agnostic])
+            return
         means = torch.stack([z.mean(dim=0) for z in specific])
         if bool(self.ema_started):
             self.z_agnostic.mul_(self.ema_momentum).add_(means, alpha=1 - self.ema_momentum)
         else:
             self.z_agnostic.copy_(means)
             self.ema_started.fill_(True)
-        eta = torch.stack([agreement(gs.detach(), ga.detach(), self.gamma) for gs, ga in zip(gates_specific, gates_agnostic)])
-        self.eta.copy_(eta)
-        self.phi.copy_(sharing_decision(eta) if self.sharing else torch.zeros_like(eta))
+        self._store_decision([gs.detach() for gs in gates_specific], [ga.detach() for ga in gates_agnostic])
 
     def shared_maps(self) -> int:
         """Number of feature maps in the shared prefix (the current decision)."""
@@ -169,11 +266,11 @@ class TASNetSearchNet(nn.Module):
 
         ``keep_maps=True`` also returns every searchable feature map (for tests, pictures).
         """
-        specific, agnostic = self.importance(task)
+        specific, agnostic, declared = self._importance(task)
         gates_specific = [gate(z) for z in specific]
         gates_agnostic = [gate(z) for z in agnostic]
         if self.training:
-            self._update_state(specific, gates_specific, gates_agnostic)
+            self._update_state(specific, gates_specific, gates_agnostic, declared)
         phi = self.phi.clone()
         batch = x.shape[0]
         masks = [ga.expand(batch, -1) if shared else gs

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from cirlab.archs.common import pad_to_even
 from cirlab.archs.cresmd import CResMDNet
 from cirlab.archs.flops import cresmd_flops
-from cirlab.archs.tasnet import TASNet
+from cirlab.archs.tasnet import TASNet, table4_shared_maps
 from cirlab.archs.tasnet_spec import make_architecture
 
 CPU_RESOLUTIONS = [(180, 320), (360, 640)]
@@ -41,7 +41,10 @@ NAIVE_FRACTIONS = (0.31, 0.62, 0.99)
 
 
 def naive_shared_maps(nb: int, fraction: float) -> int:
-    """Shared maps of CResMD with its first ``fraction`` of layers shared (as ``naive_shared``)."""
+    """Shared maps of CResMD with its first ``fraction`` of its ``2 nb + 4`` convolutions shared
+    (``naive_shared(shared_fraction=...)``; the synthetic TASNet's prefix). The naive rows are
+    Table 4's variants instead, whose maps match the paper's FLOPs
+    (:func:`cirlab.archs.tasnet.table4_shared_maps`)."""
     maps = 2 * nb + 3
     return min(maps, math.floor(fraction * (maps + 1) + 0.5))
 
@@ -392,8 +395,14 @@ def build_models(cresmd: str | None = None, tasnet: str | None = None, tsnet: st
     models["CResMD"] = base
     models.update(derived)
     for fraction in fractions:
-        shared = naive_shared_maps(base.nb, fraction)
+        # [choice] the rows are Table 4's variants, as model=cresmd_shared builds them: the first
+        # maps whose FLOPs fraction matches the paper's for that label (nb 32: 24, 48, 67 maps)
+        shared = table4_shared_maps(base.nf, base.nb, fraction)
         models[f"CResMD-{round(100 * fraction)}%shared"] = TASNet.from_cresmd(base, shared_maps=shared).eval()
+    if fractions:
+        notes.append("CResMD-N%shared: Table 4's naive variants, their first " + ", ".join(
+            f"{table4_shared_maps(base.nf, base.nb, f)}" for f in fractions) + f" of {2 * base.nb + 3} maps shared, "
+            "the counts whose FLOPs fraction is closest to the paper's (132.0, 69.5, 7.0 of 189.1 G).")
     for name, net in derived.items():
         if (net.nf, net.nb) != (base.nf, base.nb):
             notes.append(f"{name} has nf {net.nf}, nb {net.nb} but CResMD nf {base.nf}, nb {base.nb}.")

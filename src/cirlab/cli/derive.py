@@ -18,9 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=HD[0], help="image height of the FLOPs summary")
     parser.add_argument("--width", type=int, default=HD[1], help="image width of the FLOPs summary")
     parser.add_argument("--no-figure", action="store_true", help="skip architecture.png")
+    parser.add_argument("--weights", help="a CResMD checkpoint whose weights the derived architecture takes instead of "
+                        "the search's (TASNet-A: the absolute-GT CResMD, then experiment=tasnet_a_paper)")
     args = parser.parse_args(argv)
     try:
-        result = derive_checkpoint(args.ckpt, args.out, args.grid, args.height, args.width, figure=not args.no_figure)
+        result = derive_checkpoint(args.ckpt, args.out, args.grid, args.height, args.width, figure=not args.no_figure,
+                                   weights=args.weights)
     except (FileNotFoundError, ValueError) as error:
         print(f"cirlab-derive: {error}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cirlab.archs.flops import searchable_maps
 from cirlab.archs.tasnet_search import TASNetSearchNet, disagreement
 from cirlab.models.restoration import RestorationModule
 from cirlab.tasks import HD
@@ -40,19 +41,31 @@ class TASNetSearch(RestorationModule):
         controller_lr: learning rate of the controllers' parameter group.
         init_ckpt: optional cirlab CResMD checkpoint whose network starts the search.
         workload_grid: task grid of the reported workload (default CResMD's 27 points).
+        decision_samples: task vectors drawn from the training distribution (the data module's
+            pair sampler) that join ``workload_grid`` in the declared task set of the sharing
+            decision (``model.net.decision=declared``).
+        decision_seed: seed of those draws (the set is the same for every run and every resume).
+        sharing_warmup: training steps at the start during which nothing is shared (phi = 0, as
+            TSNet), so the controllers learn each task's channels before agreement is judged.
     """
 
     def __init__(self, net: dict, optimizer: dict, scheduler: dict | None = None, scheduler_interval: str = "step",
                  lambda1: float = 0.1, lambda2: float = 0.1, controller_lr: float = 1e-3,
                  init_ckpt: str | None = None, workload_grid: str | list = "cresmd27",
+                 decision_samples: int = 256, decision_seed: int = 0, sharing_warmup: int = 0,
                  test_iqa: bool = False, iqa_weights_dir: str | None = None) -> None:
         super().__init__(net=net, optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval,
                          test_iqa=test_iqa, iqa_weights_dir=iqa_weights_dir)
         for key, value in (("lambda1", lambda1), ("lambda2", lambda2), ("controller_lr", controller_lr)):
             if value < 0:
                 raise ValueError(f"model.{key}={value} must be >= 0")
+        for key, value in (("decision_samples", decision_samples), ("sharing_warmup", sharing_warmup)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"model.{key}={value!r} must be an integer >= 0")
         self.save_hyperparameters({"lambda1": lambda1, "lambda2": lambda2, "controller_lr": controller_lr,
-                                   "init_ckpt": init_ckpt, "workload_grid": workload_grid})
+                                   "init_ckpt": init_ckpt, "workload_grid": workload_grid,
+                                   "decision_samples": decision_samples, "decision_seed": decision_seed,
+                                   "sharing_warmup": sharing_warmup})
         if not isinstance(self.net, TASNetSearchNet):
             raise ValueError("model.net must build a cirlab.archs.tasnet_search.TASNetSearchNet")
         if init_ckpt:
@@ -70,6 +83,31 @@ class TASNetSearch(RestorationModule):
         self.net.reset_agnostic_scales()
         log.info("search starts from the CResMD weights of %s", path)
 
+    def declared_tasks(self) -> torch.Tensor:
+        """[choice] The declared task set of the sharing decision: the workload grid (the tasks
+        the network is evaluated and costed on) plus ``decision_samples`` task vectors
+        ``l_in - l_gt`` from the data module's pair sampler (the training distribution), drawn
+        with ``decision_seed``."""
+        from cirlab.tasks import level_grid
+
+        tasks = [level_grid(self.hparams.workload_grid)]
+        count = int(self.hparams.decision_samples)
+        if count:
+            sampler = getattr(getattr(self.trainer, "datamodule", None), "sampler", None)
+            if sampler is None or not hasattr(sampler, "sample_levels"):
+                raise ValueError(f"model.decision_samples={count} draws task vectors from the data module's pair "
+                                 "sampler, and this data module has none: set model.decision_samples=0")
+            generator = torch.Generator().manual_seed(int(self.hparams.decision_seed))
+            levels_in, levels_gt = sampler.sample_levels(count, generator=generator, device="cpu")
+            tasks.append((levels_in - levels_gt).float())
+        return torch.cat(tasks)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.net.decision == "declared":
+            self.net.set_decision_tasks(self.declared_tasks().to(self.device))
+            log.info("sharing decision over a declared set of %d task vectors", self.net.decision_tasks.shape[0])
+
     # ------------------------------------------------------------------------ objective
     def regularisers(self, result, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         from cirlab.archs.flops import MaskState, cresmd_flops, masked_flops
@@ -82,6 +120,7 @@ class TASNetSearch(RestorationModule):
         return r1, r2
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.net.sharing_on.fill_(self.global_step >= self.hparams.sharing_warmup)
         result = self.net.search_forward(batch["input"], batch["task"])
         l1 = F.l1_loss(result.output, batch["target"])
         r1, r2 = self.regularisers(result, *batch["input"].shape[-2:])
@@ -92,6 +131,9 @@ class TASNetSearch(RestorationModule):
         self.log("train/r2", r2, batch_size=size)
         self.log("train/loss", loss, batch_size=size)
         self.log("search/shared_maps", float(result.phi.sum()), prog_bar=True, batch_size=size)
+        # how close each map's agreement (eq. 6, without gamma) sits to gamma: a knife edge shows here
+        self.log_dict({f"agreement/{spec.name}": float(value) for spec, value in
+                       zip(searchable_maps(self.net.nb, self.net.nf), self.net.agreement.tolist())}, batch_size=size)
         return loss
 
     def parameter_groups(self) -> list:
@@ -121,13 +163,16 @@ class TASNetSearch(RestorationModule):
         flops = float(masked_flops(MaskState(phi=phi, masks=masks), net.nf, net.nb, height, width))
         full = float(cresmd_flops(net.nf, net.nb, height, width, tasks=len(tasks)))
         maps = []
-        for spec, mask, shared, eta in zip(searchable_maps(net.nb, net.nf), masks, phi.tolist(), net.eta.tolist()):
+        for spec, mask, shared, eta, ratio in zip(searchable_maps(net.nb, net.nf), masks, phi.tolist(), net.eta.tolist(),
+                                                  net.agreement.tolist()):
             counts = mask.sum(dim=1)
-            maps.append({"name": spec.name, "shared": bool(shared), "eta": bool(eta),
+            maps.append({"name": spec.name, "shared": bool(shared), "eta": bool(eta), "agreement": ratio,
                          "channels": int(counts[0]) if shared else None,
                          "channels_mean": float(counts.mean()), "channels_min": int(counts.min()),
                          "channels_max": int(counts.max()), "channels_full": int(mask.shape[1])})
         return {"tasks": len(tasks), "height": height, "width": width, "shared_maps": int(phi.sum()),
+                "decision": {"rule": net.decision, "gamma": net.gamma,
+                             "tasks": int(net.decision_tasks.shape[0]) if net.decision == "declared" else None},
                 "flops_total": flops, "flops_per_inference": flops / len(tasks),
                 "cresmd_flops_per_inference": full / len(tasks), "flops_ratio": flops / full, "maps": maps}
 
