@@ -143,12 +143,12 @@ def test_bf16_autocast_on_cpu_is_close_and_returns_float32():
         restore(net, image, TASKS, autocast="int8")
 
 
-@pytest.mark.parametrize("shared", [1, 2, 3, 5])
+@pytest.mark.parametrize("shared", [1, 2])
 def test_bf16_autocast_with_task_groups_ending_in_different_dtypes(shared):
     """Under autocast one task group can end in bf16 and another in fp32 (a bias-only map);
     the result must still be assembled (it raised "Index put requires ... dtypes match")."""
     tasks = level_grid("cresmd27")
-    for seed in range(4):
+    for seed in range(3):  # (1, 2), (2, 0) and (2, 1) raised before the fix
         net = tasnet(shared, seed=seed)
         image = torch.rand(1, 3, 16, 16)
         mixed = restore(net, image, tasks, autocast="bf16")
