@@ -20,9 +20,9 @@ Parameter files: pyiqa keeps them in ``$TORCH_HOME/hub/pyiqa/`` (``~/.cache/torc
 and would download missing ones. These metrics never let pyiqa download implicitly: the file is
 looked up at construction (``weights_dir`` if given, else :func:`iqa_cache_dir`) and handed to
 pyiqa as ``pretrained_model_path``; a missing file raises :class:`RuntimeError` saying where to
-put it, unless ``allow_download=True``. :func:`install_iqa_weights` copies the files from a folder
-(e.g. the project's ``shared/data/iqa``) into the cache. Note pyiqa freezes its own cache path at
-import time; :func:`iqa_cache_dir` reads ``TORCH_HOME`` when called, and since the path is always
+put it, unless ``allow_download=True``. :func:`install_iqa_weights` copies the two files
+(``niqe_modelparameters.mat``, ``brisque_svm_weights.pth``) from a folder into the cache. Note
+pyiqa freezes its own cache path at import time; :func:`iqa_cache_dir` reads ``TORCH_HOME`` when called, and since the path is always
 passed explicitly, pyiqa's frozen value is never used.
 """
 
