@@ -221,3 +221,13 @@ def test_during_the_warm_up_nothing_is_shared_but_agreement_is_still_measured():
     net.sharing_on.fill_(False)
     fresh.load_state_dict(state, strict=True)
     assert bool(fresh.sharing_on)
+
+
+def test_a_map_no_task_selects_ends_the_prefix():
+    """Eq. 6 is strict: a map whose task-agnostic selection is empty has eta = 0 (0 > gamma * 0
+    is false) even when no task selects a channel either; in the embedded searches such a map
+    (an inner map switched off by R1 during the warm-up) is where the shared prefix ends."""
+    empty = torch.zeros(4)
+    assert not bool(agreement(torch.zeros(3, 4), empty, gamma=0.0))
+    eta = torch.tensor([True, True, bool(agreement(torch.zeros(3, 4), empty, gamma=0.5)), True])
+    assert sharing_decision(eta).tolist() == [True, True, False, False]
