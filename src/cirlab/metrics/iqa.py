@@ -1,5 +1,9 @@
 """No-reference quality: NIQE and BRISQUE from ``pyiqa`` as DDP-safe ``torchmetrics`` metrics.
 
+pyiqa is the optional extra ``cirlab[iqa]`` (PolyForm Noncommercial, and ~50 packages that these
+two metrics do not use); without it, constructing :class:`NIQE` or :class:`BRISQUE` raises
+``ModuleNotFoundError`` naming the extra. The rest of this module works without pyiqa.
+
 Lower is better for both. Input: ``(B, 3, H, W)`` RGB (or ``(B, 1, H, W)`` grey) float in
 ``[0, 1]`` (clamped before scoring). What pyiqa (checked on 0.1.16) does with it:
 
@@ -28,6 +32,7 @@ passed explicitly, pyiqa's frozen value is never used.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,8 +49,31 @@ __all__ = [
     "NIQE",
     "install_iqa_weights",
     "iqa_cache_dir",
+    "require_pyiqa",
     "resolve_iqa_weights",
 ]
+
+#: how to get pyiqa, which is not a core dependency (licence and size: README, "Licences").
+IQA_EXTRA_HINT = "pip install 'cirlab[iqa]'"
+
+
+def require_pyiqa(metric: str = "NIQE/BRISQUE") -> None:
+    """Raise ``ModuleNotFoundError`` naming the ``iqa`` extra when pyiqa cannot be imported.
+
+    Checked without importing pyiqa (a slow import), so metrics fail at construction, before any
+    training or evaluation starts.
+    """
+    try:
+        found = importlib.util.find_spec("pyiqa") is not None
+    except (ImportError, ValueError):  # a parent of a broken install, or a None in sys.modules
+        found = False
+    if not found:
+        raise ModuleNotFoundError(
+            f"{metric} needs the optional dependency pyiqa, which is not installed: {IQA_EXTRA_HINT} "
+            f"(pyiqa is licensed PolyForm Noncommercial 1.0.0)",
+            name="pyiqa",
+        )
+
 
 #: pyiqa metric name -> parameter file name (as pyiqa names it in its cache).
 IQA_WEIGHT_FILES: dict[str, str] = {
@@ -122,6 +150,7 @@ class _PyiqaNoReference(PerImageMean):
         allow_download: bool = False,
         **kwargs: Any,
     ) -> None:
+        require_pyiqa(self._pyiqa_name.upper())
         super().__init__(**kwargs)
         self.allow_download = allow_download
         try:
@@ -148,6 +177,7 @@ class _PyiqaNoReference(PerImageMean):
     def _network(self, device: torch.device) -> torch.nn.Module:
         net = self._iqa_holder.get("net")
         if net is None:
+            require_pyiqa(self._pyiqa_name.upper())
             import pyiqa  # slow import, only when first needed
 
             if self.weights_path is None:
