@@ -174,7 +174,13 @@ class _MainBody(nn.Module):
     def tail(self, feature: Tensor, head: Tensor) -> Tensor:
         out = self.conv2(feature) + head
         out = F.relu(self.shuffle(self.conv3(out)))
-        return self.conv5(F.relu(self.conv4(out)))
+        out = F.relu(self.conv4(out))
+        if torch.is_autocast_enabled(out.device.type):
+            # [choice] under mixed precision the image-making conv runs in float32: with no image-level
+            # skip, a bf16 conv5 would round every output pixel to 8 mantissa bits (~1/256 near 1)
+            with torch.autocast(out.device.type, enabled=False):
+                return self.conv5(out.float())
+        return self.conv5(out)
 
     def flops(self, height: int, width: int, levels: int = 1) -> dict[str, int]:
         """Multiply-adds x 2 of one forward pass at (height, width) (even sizes), and of generating

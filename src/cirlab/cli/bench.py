@@ -5,6 +5,8 @@
     cirlab-bench cost [--cresmd C.ckpt] [--tasnet T.ckpt] [--tsnet S.ckpt] [--synthetic] [--naive 0.31,0.62,0.99]
                       [--resolutions 180x320,360x640] [--threads 1,all] [--repeats 3] [--out docs/bench/cost/]
     cirlab-bench sharing --cresmd C.ckpt [--seeds 1234,1,2] [--threads 1,2] [--out runs/sharing] [-- overrides]
+    cirlab-bench train [--experiments cresmd_paper,...] [--device auto] [--variants fp32,bf16+cl] [--steps 2]
+                       [--warmup 1] [--num-workers 0] [--out docs/bench/train.json] [-- overrides]
 
 ``data`` measures the training pipeline's throughput in relative-GT pairs per second
 (64x64 patches, batch 16, all three degradations): once for pair synthesis alone
@@ -25,6 +27,12 @@ CResMDs, models timed interleaved, speed-ups per round (docs in ``cirlab/bench/c
 ``sharing`` runs the embedded pipeline's search, derivation, fine-tuning and evaluation from one
 CResMD for each seed and torch thread count, and tabulates the derived shared maps, FLOPs
 fraction, test PSNR and the agreement statistics of each search (``cirlab/bench/sharing.py``).
+
+``train`` times training steps of each module at paper size (the real training job of each paper
+experiment: batch 16, 64x64; HyperRes 96x96, k = 4) on the device, for each variant (precision,
+channels_last, torch.compile), warm-up excluded, and projects the wall time of every paper recipe
+and of the TASNet pipeline from the fastest variant (``cirlab/bench/train.py``). CPU rates are
+also given scaled to the reference matmul speed.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from pathlib import Path
 import torch
 
 from cirlab.bench.records import git_revision, machine_description, write_cost_outputs
+from cirlab.bench.train import DEFAULT_EXPERIMENTS
 from cirlab.tasks import parse_resolutions
 from cirlab.utils.run import write_json_atomically
 
@@ -180,6 +189,69 @@ def run_sharing(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    """``train``: steps/s of each module at paper size, and the projected wall time of the recipes."""
+    from cirlab.bench.data import REFERENCE_GFLOPS, matmul_gflops, scaled_to_reference
+    from cirlab.bench.records import utc_now
+    from cirlab.bench.train import bench_experiment, fastest, markdown, parse_variant, projections, recipes
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("cirlab-bench train: --device cuda but torch sees no CUDA device")
+    experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    try:
+        variants = [parse_variant(v) for v in args.variants.split(",")]
+    except ValueError as error:
+        raise SystemExit(f"cirlab-bench train: --variants: {error}") from None
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"cirlab-bench train: --steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
+    extra = [o for o in args.overrides if o != "--"]
+    on_cpu = device == "cpu"
+    matmul_before = matmul_gflops(threads=2) if on_cpu else None
+    results = []
+    for experiment in experiments:
+        for variant in variants:
+            print(f"[bench train] {experiment} {variant['variant']} on {device} ...", flush=True)
+            row = bench_experiment(experiment, device=device, steps=args.steps, warmup=args.warmup,
+                                   precision=variant["precision"], channels_last=variant["channels_last"],
+                                   compile=variant["compile"], num_workers=args.num_workers,
+                                   cache_dir=args.cache_dir, extra=extra)
+            row["variant"] = variant["variant"]
+            print(f"[bench train]   {row['median_s']:.4g} s/step ({row['steps_per_s']:.3g} steps/s)", flush=True)
+            results.append(row)
+    matmul = None
+    if on_cpu:
+        matmul_after = matmul_gflops(threads=2)
+        gflops = (matmul_before["gflops_median"] + matmul_after["gflops_median"]) / 2
+        matmul = {"before": matmul_before, "after": matmul_after, "gflops_used": gflops,
+                  "reference_gflops": REFERENCE_GFLOPS}
+        for row in results:
+            row["steps_per_s_at_reference"] = scaled_to_reference(row["steps_per_s"], gflops)
+    best = fastest(results)
+    recipe_rows, pipelines = projections({k: r["median_s"] for k, r in best.items()}, recipes(),
+                                         {k: r["variant"] for k, r in best.items()})
+    command = "cirlab-bench " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
+    record = {"command": command, "date": utc_now(), "revision": git_revision(), "machine": machine_description(),
+              "device": device, "matmul": matmul, "results": results, "recipes": recipe_rows, "pipelines": pipelines,
+              "note": "CPU timings on a shared machine are loaded; compare CPU rates at the reference matmul speed"
+                      if on_cpu else ""}
+    out = Path(args.out)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    key = f"{record['machine']['host']}/{device}/{args.variants}/{','.join(experiments)}" + (
+        f"/{' '.join(extra)}" if extra else "")
+    existing[key] = record
+    write_json_atomically(out, existing)
+    reference = ""
+    if matmul:
+        reference = (f" (CPU: 2-thread fp32 2048x2048 matmul {matmul_before['gflops_median']:.0f} GFLOP/s before, "
+                     f"{matmul['after']['gflops_median']:.0f} after; reference {REFERENCE_GFLOPS:.0f})")
+    print(f"\n{command}  ({record['date']}, rev {record['revision']}, {record['machine']['cpu_count']} CPU cores"
+          f"{', ' + record['machine']['gpu'] if 'gpu' in record['machine'] else ''})")
+    print(markdown(results, recipe_rows, pipelines, reference))
+    print(f"written to {out} (key {key})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cirlab-bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -227,6 +299,21 @@ def main(argv: list[str] | None = None) -> int:
                          "(e.g. 'model.net.decision=batch' for the rule before declared task sets)")
     sharing.add_argument("overrides", nargs="*", help="extra cirlab-pipeline overrides (after --)")
     sharing.set_defaults(func=run_sharing)
+    bench_train = sub.add_parser("train", help="training steps/s per module at paper size, projected recipe times")
+    bench_train.add_argument("--experiments", default=",".join(DEFAULT_EXPERIMENTS),
+                             help="comma list of paper experiments to time (default: one per training module)")
+    bench_train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                             help="auto: CUDA when present, else CPU")
+    bench_train.add_argument("--variants", default="fp32", help="comma list of fp32 or bf16, each optionally "
+                             "+cl (channels_last) and +compile (torch.compile), e.g. fp32,bf16+cl,bf16+cl+compile")
+    bench_train.add_argument("--steps", type=int, default=2, help="timed training steps per variant (median)")
+    bench_train.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    bench_train.add_argument("--num-workers", type=int, default=0, help="DataLoader workers cutting crops")
+    bench_train.add_argument("--cache-dir", default=None, help="where the embedded photos and the synthetic "
+                             "derived TASNet are written (default: a temporary folder per experiment)")
+    bench_train.add_argument("--out", default="docs/bench/train.json", help="JSON file the record is merged into")
+    bench_train.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (after --)")
+    bench_train.set_defaults(func=run_train)
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args.func(args)

@@ -60,6 +60,9 @@ class HyperRes(RestorationModule):
         level_scale: c = level / level_scale (255).
     """
 
+    #: the network method ``training_step`` runs (what ``callbacks.speed.compile`` compiles)
+    training_forward = "forward_levels"
+
     def __init__(self, net: dict, optimizer: dict, scheduler: dict | None = None, scheduler_interval: str = "step",
                  task: str | None = None, train_levels: list | None = None, level_scale: float = 255.0,
                  test_iqa: bool = False, iqa_weights_dir: str | None = None) -> None:
@@ -121,7 +124,8 @@ class HyperRes(RestorationModule):
 
     # ------------------------------------------------------------------ evaluation
     def _restore_eval(self, batch: dict) -> torch.Tensor:
-        return self.net(batch["input"], batch["level"]).clamp(0, 1)
+        with self.float32():
+            return self.net(batch["input"], batch["level"]).clamp(0, 1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         from cirlab.metrics import paper_psnr, paper_ssim

@@ -104,8 +104,14 @@ class RestorationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
 
     # ------------------------------------------------------------------------- evaluation
+    def float32(self):
+        """A context that runs the network in float32 whatever ``trainer.precision`` (autocast off):
+        evaluation scores must not depend on the training precision (``bf16-mixed`` on GPUs)."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def _restore_eval(self, batch: dict) -> torch.Tensor:
-        return self(batch["input"], batch["task"]).clamp(0, 1)
+        with self.float32():
+            return self(batch["input"], batch["task"]).clamp(0, 1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         from cirlab.metrics import psnr_per_image, ssim_per_image
