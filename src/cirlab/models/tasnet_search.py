@@ -49,6 +49,9 @@ class TASNetSearch(RestorationModule):
             TSNet), so the controllers learn each task's channels before agreement is judged.
     """
 
+    #: the network method ``training_step`` runs (what ``callbacks.speed.compile`` compiles)
+    training_forward = "search_forward"
+
     def __init__(self, net: dict, optimizer: dict, scheduler: dict | None = None, scheduler_interval: str = "step",
                  lambda1: float = 0.1, lambda2: float = 0.1, controller_lr: float = 1e-3,
                  init_ckpt: str | None = None, workload_grid: str | list = "cresmd27",
@@ -130,10 +133,14 @@ class TASNetSearch(RestorationModule):
         self.log("train/r1", r1, batch_size=size)
         self.log("train/r2", r2, batch_size=size)
         self.log("train/loss", loss, batch_size=size)
-        self.log("search/shared_maps", float(result.phi.sum()), prog_bar=True, batch_size=size)
+        # logged as device tensors: no host synchronisation in the step (Lightning reads them when it writes logs)
+        self.log("search/shared_maps", result.phi.sum().float(), prog_bar=True, batch_size=size)
         # how close each map's agreement (eq. 6, without gamma) sits to gamma: a knife edge shows here
-        self.log_dict({f"agreement/{spec.name}": float(value) for spec, value in
-                       zip(searchable_maps(self.net.nb, self.net.nf), self.net.agreement.tolist())}, batch_size=size)
+        # (2 nb + 3 values: only on the steps whose logs are written, each self.log costs host time)
+        if self.trainer.fast_dev_run or (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+            agreement = self.net.agreement.detach().clone()
+            self.log_dict({f"agreement/{spec.name}": value for spec, value in
+                           zip(searchable_maps(self.net.nb, self.net.nf), agreement.unbind())}, batch_size=size)
         return loss
 
     def parameter_groups(self) -> list:
