@@ -146,3 +146,31 @@ def plot_levels(result: dict, path: Path, show_each_dedicated: bool = False) -> 
     save_figure_atomically(figure, Path(path))
     plt.close(figure)
     return Path(path)
+
+
+def plot_curves(x: list[float], panels: list[tuple[str, dict[str, list[float]]]], path: Path, xlabel: str,
+                title: str = "", reference: dict[int, float] | None = None) -> Path:
+    """Side-by-side panels of curves against one swept level (TASNet Figure 10's shape): each
+    panel is ``(y label, {curve name: values at x})``; ``reference`` draws a dashed horizontal
+    line at ``{panel index: y}``. Saved atomically as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for i, (axis, (ylabel, curves)) in enumerate(zip(axes[0], panels)):
+        for name, values in curves.items():
+            axis.plot(x, values, "o-", markersize=3, label=name)
+        if reference and i in reference:
+            axis.axhline(reference[i], color="grey", linestyle="--", linewidth=0.8)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    save_figure_atomically(figure, Path(path))
+    plt.close(figure)
+    return Path(path)
