@@ -68,7 +68,8 @@ class StudyResult:
     ``rows``: one dict per (image, model, level) (modulation: per step) with ``image``,
     ``model``, ``level`` and the study's measures; ``image_rows``: one per (image, model) with
     the per-image summary numbers; ``per_level[model][measure]``: means over images per level
-    (``x[model]`` gives the level of each entry); ``summary[model]``: the study's numbers;
+    (``x`` gives the level of each entry); ``summary[model]``: the study's numbers (a NaN in
+    any image, e.g. a flat image's HF ratio, makes its mean NaN: see the per-image CSV);
     ``strips``: image name -> (column labels, {row label: images}) for the first images.
     """
 
@@ -90,8 +91,9 @@ class StudyResult:
 
 
 def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
+    """Plain mean; an undefined (NaN) value makes the mean NaN rather than being dropped."""
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
 
 
 def _restore(restorer: Restorer, image: Tensor, tasks: Tensor) -> Tensor:
@@ -145,7 +147,7 @@ def _finish(result: StudyResult, out_dir: str | Path | None) -> StudyResult:
     return result
 
 
-def _level_label(name: str, level: float) -> str:
+def _level_label(level: float) -> str:
     return f"t={level:.3g}"
 
 
@@ -185,7 +187,7 @@ def run_artifacts(restorers: Sequence[Restorer], images: ImageSource, cfg: Artif
             strip[r.name] = [degraded[0], *outputs, image[0]]
         strip["relative GT"] = [degraded[0], *targets, image[0]]
         if index < cfg.strips:
-            labels = ["input"] + [_level_label("t_blur", v) for v in cfg.levels] + ["clean"]
+            labels = ["input"] + [_level_label(v) for v in cfg.levels] + ["clean"]
             result.strips[name] = (labels, strip)
     _aggregate(result, ("psnr", "hf_excess"))
     active = [i for i, v in enumerate(cfg.levels) if v > 0]
@@ -237,7 +239,7 @@ def run_modulation(restorers: Sequence[Restorer], images: ImageSource, cfg: Modu
             result.image_rows.append({"image": name, "model": r.name, "cv": cv, "total_change": total})
             strip[r.name] = [degraded[0], *outputs, image[0]]
         if index < cfg.strips:
-            labels = ["input"] + [_level_label("t_blur", v) for v in cfg.levels] + ["clean"]
+            labels = ["input"] + [_level_label(v) for v in cfg.levels] + ["clean"]
             result.strips[name] = (labels, strip)
     _aggregate(result, ("step_rms", "step_share"))
     for model in result.models:
@@ -287,7 +289,7 @@ def run_oversmoothing(restorers: Sequence[Restorer], images: ImageSource, cfg: O
                                     "detail_loss": float(loss[k]), "detail_loss_delta": float(loss[k] - loss[0])})
             strip[r.name] = [degraded[0], *outputs, image[0]]
         if index < cfg.strips:
-            labels = ["input"] + [_level_label("t_noise", v) for v in cfg.levels] + ["clean"]
+            labels = ["input"] + [_level_label(v) for v in cfg.levels] + ["clean"]
             result.strips[name] = (labels, strip)
     _aggregate(result, ("psnr", "psnr_delta", "hf_ratio", "detail_loss", "detail_loss_delta"))
     for model in result.models:
