@@ -9,11 +9,12 @@ around its patch: the pair step degrades the whole crop and then cuts the patch 
 training patch is blurred and JPEG-compressed as the same window of a whole degraded image is
 (blur reads the real neighbours, not replicate padding at the patch's edge; the JPEG block grid
 sits at a random phase to the patch); :meth:`RestorationDataModule.setup` decodes those
-images once into shared memory (:class:`~cirlab.data.image_cache.DecodedImageCache`) and keeps
-them for the DataModule's lifetime. Nothing decoded is written to disk: a new process (a resumed
-run, ``cirlab-eval``) decodes the folder again. The degradations are synthesised batched on the
-batch's device (the GPU when training runs there), from a generator seeded with
-``mix_seed(seed, first id of the batch)``.
+images once per node into a file under ``<cache_dir>/decoded``
+(:class:`~cirlab.data.image_cache.DecodedImageCache`) that every DDP rank of the node and every
+later run memory-maps (without ``cache_dir``: into the process's shared memory), and keeps them
+for the DataModule's lifetime. The degradations are synthesised batched on the batch's device
+(the GPU when training runs there), from a generator seeded with ``mix_seed(seed, first id of the
+batch)``.
 
 Validation / test items: the deterministic sets of :mod:`cirlab.data.evalsets` (every image at
 every point of a level grid, generated once and cached on disk under ``cache_dir``), one whole
@@ -83,7 +84,8 @@ class RestorationDataModule(L.LightningDataModule):
         val_grid, test_grid: level grid names (``cresmd27``) or lists of task-space triples.
         val_max_images, test_max_images: use only the first N images (None = all).
         val_crop, test_crop: centre crop size for evaluation images (None = whole image).
-        cache_dir: where generated evaluation sets are cached (``<cache_dir>/evalsets``).
+        cache_dir: where generated evaluation sets (``<cache_dir>/evalsets``) and the decoded
+            training images (``<cache_dir>/decoded``, one file per node shared by its processes) are kept.
         seed: the data seed (independent of the model-initialisation seed).
         on_bad: ``"error"`` (default) or ``"skip"`` (warn, naming each bad file).
         embedded_root: if set, the embedded scikit-image photos are written there first
@@ -175,7 +177,8 @@ class RestorationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Decode the training images (first ``fit`` only) and load the evaluation sets the stage needs."""
         if stage in (None, "fit") and self.train_images is None and self.train_dir is not None:
-            self.train_images = decode_training_images(self.check_inputs())
+            store = self.cache_dir / "decoded" if self.cache_dir else None
+            self.train_images = decode_training_images(self.check_inputs(), store_dir=store)
         if stage in (None, "fit", "validate") and self.val_set is None:
             spec = self._eval_spec("val")
             if spec is not None:

@@ -304,12 +304,16 @@ def scan_training_folder(train_dir: str | None, patch_size: int, on_bad: str) ->
     return scan_folder(train_dir, min_size=patch_size, on_bad=on_bad, config_key="data.train_dir")
 
 
-def decode_training_images(paths: Sequence[Path]) -> DecodedImageCache:
-    """Decode the training images into shared memory (once per DataModule; nothing is kept on disk)."""
+def decode_training_images(paths: Sequence[Path], store_dir: str | Path | None = None) -> DecodedImageCache:
+    """The training images, decoded once per node: with ``store_dir`` into a file there that every
+    process of the node (DDP ranks, later runs) memory-maps, built by the first process to get to it
+    (:class:`~cirlab.data.image_cache.DecodedImageCache`); without, into this process's shared memory."""
     from cirlab.data.image_cache import DecodedImageCache
 
-    images = DecodedImageCache.from_paths(paths)
-    log.info("training images: %d decoded (%.1f MB in shared memory)", len(paths), images.total_bytes / 2**20)
+    images = DecodedImageCache.from_paths(paths, store_dir=store_dir)
+    where = f"mapped from {images.file}" if images.file is not None else "in shared memory"
+    log.info("training images: %d, %.1f MB %s%s", len(paths), images.total_bytes / 2**20, where,
+             "" if images.built else " (decoded by another process)")
     return images
 
 
