@@ -41,6 +41,13 @@ Choices (docs/method.md marks them [choice]; written here next to the code):
   shared, and a shared map's controllers only receive the gradient of z^a (the mean over
   tasks) and R2's pull towards it, so they never learn what each task needs and the map stays
   shared; measured in docs/results.md.
+* Under DDP (``rank_sync = True``, set by the search module when it trains on several ranks)
+  the statistics the decision thresholds are summed over the ranks before thresholding: the
+  z^s means behind z^a (the declared set's, or the batch's for ``batch``, so the EMA sees the
+  global batch) and the per-task overlaps of eq. 6 with their task count. Every rank then takes
+  one decision (z^a, eta, phi identical bit for bit) and runs the same masked network, so DDP
+  averages gradients of one architecture. The gradient of z^a stays the rank's own mean (DDP
+  averages it over ranks like every other gradient).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -90,6 +98,16 @@ def agreement_ratio(gates_specific: torch.Tensor, gates_agnostic: torch.Tensor) 
     task-agnostic selection is empty, where eq. 6 is false for any gamma)."""
     overlap = (gates_specific * gates_agnostic).sum(dim=1).mean()
     return overlap / gates_agnostic.sum().clamp(min=1)
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (detached) summed over the ranks of the default process group, as a new tensor;
+    ``values`` itself when no group of two or more ranks is running. Every rank must call it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return values
+    total = values.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
 
 
 def sharing_decision(eta: torch.Tensor) -> torch.Tensor:
@@ -161,6 +179,9 @@ class TASNetSearchNet(nn.Module):
         self.register_buffer("decision_tasks", default)
         # False during the search's warm-up: phi = 0 (every map task-specific), eta still computed
         self.register_buffer("sharing_on", torch.ones((), dtype=torch.bool))
+        # True: the decision's statistics are summed over the DDP ranks (module docstring); every
+        # rank must then run each training forward (TASNetSearch sets it when world_size > 1)
+        self.rank_sync = False
         self.reset_agnostic_scales()
 
     def set_decision_tasks(self, tasks: torch.Tensor) -> None:
@@ -196,21 +217,38 @@ class TASNetSearchNet(nn.Module):
         ``declared``: the mean of z^s over the declared task set (value and gradient). Otherwise
         (eval mode, or training with ``batch``): the stored ``z_agnostic`` (the EMA), with the
         gradient of the batch mean."""
-        specific, agnostic, _ = self._importance(task)
+        specific, agnostic, _, _ = self._importance(task)
         return specific, agnostic
 
-    def _importance(self, task: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
-        """``importance`` plus, when training with a declared set, z^s over that set."""
+    def _importance(self, task: torch.Tensor):
+        """``importance`` plus, when training, z^s over the declared set (``declared``, else None)
+        and the (N, C) means of z^s the decision uses (over all ranks with ``rank_sync``; None in
+        eval mode)."""
         specific = [controller(task) for controller in self.controllers]
         if self.decision == "declared" and self.training:
             declared = self.declared_importance()
-            return specific, [z.mean(dim=0) for z in declared], declared
+            agnostic, means = self._rank_means([z.mean(dim=0) for z in declared], declared[0].shape[0])
+            return specific, agnostic, declared, means
+        batch_means, means = [z.mean(dim=0) for z in specific], None
+        if self.training:
+            batch_means, means = self._rank_means(batch_means, task.shape[0])
         agnostic = []  # eval mode (either rule): the stored z^a; training with "batch": its EMA
-        for index, z in enumerate(specific):
-            batch_mean = z.mean(dim=0)
+        for index, batch_mean in enumerate(batch_means):
             ema = self.z_agnostic[index] if bool(self.ema_started) else batch_mean.detach()
             agnostic.append(ema + (batch_mean - batch_mean.detach()))
-        return specific, agnostic, None
+        return specific, agnostic, None, means
+
+    def _rank_means(self, means: list[torch.Tensor], rows: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-map means of z^s over ``rows`` rows -> (means whose value is the mean over every
+        rank's rows and whose gradient is this rank's, their detached (N, C) stack). Without
+        ``rank_sync``: the means unchanged."""
+        local = torch.stack([m.detach().float() for m in means])
+        if not self.rank_sync:
+            return means, local
+        packed = torch.cat([local.flatten() * rows, local.new_tensor([rows])])
+        packed = sum_over_ranks(packed)
+        total = (packed[:-1] / packed[-1]).view_as(local)
+        return [value + (m - m.detach()) for value, m in zip(total, means)], total
 
     def declared_importance(self) -> list[torch.Tensor]:
         """z^s of every map over the declared task set, (K, C) each."""
@@ -219,9 +257,20 @@ class TASNetSearchNet(nn.Module):
         return [controller(self.decision_tasks) for controller in self.controllers]
 
     @torch.no_grad()
-    def _store_decision(self, gates_specific: list[torch.Tensor], gates_agnostic: list[torch.Tensor]) -> None:
-        eta = torch.stack([agreement(gs, ga, self.gamma) for gs, ga in zip(gates_specific, gates_agnostic)])
-        self.agreement.copy_(torch.stack([agreement_ratio(gs, ga) for gs, ga in zip(gates_specific, gates_agnostic)]))
+    def _store_decision(self, gates_specific: list[torch.Tensor], gates_agnostic: list[torch.Tensor],
+                        sync: bool = False) -> None:
+        """eta (eq. 6), the agreement ratio and phi (eq. 7) from 0/1 gates (M, C) per map and the
+        task-agnostic gates (C,); ``sync``: the per-task overlaps and M are summed over the ranks
+        first (the task-agnostic gates must already be the same on every rank)."""
+        # in float32: a sum of thousands of 0/1 products is inexact in half precision
+        overlap = torch.stack([(gs.float() * ga.float()).sum() for gs, ga in zip(gates_specific, gates_agnostic)])
+        packed = torch.cat([overlap, overlap.new_tensor([gates_specific[0].shape[0]])])
+        if sync and self.rank_sync:
+            packed = sum_over_ranks(packed)
+        mean_overlap = packed[:-1] / packed[-1]  # eq. 6's left side: exact, the gates are 0 or 1
+        selected = torch.stack([ga.float().sum() for ga in gates_agnostic])
+        eta = mean_overlap > self.gamma * selected  # as agreement()
+        self.agreement.copy_(mean_overlap / selected.clamp(min=1))  # as agreement_ratio()
         self.eta.copy_(eta)
         self.phi.copy_(sharing_decision(eta) if self.sharing and bool(self.sharing_on) else torch.zeros_like(eta))
 
@@ -239,22 +288,22 @@ class TASNetSearchNet(nn.Module):
         self._store_decision([(z > 0).float() for z in specific], [(z > 0).float() for z in agnostic])
 
     @torch.no_grad()
-    def _update_state(self, specific: list[torch.Tensor], gates_specific, gates_agnostic,
+    def _update_state(self, means: torch.Tensor, gates_specific, gates_agnostic,
                       declared: list[torch.Tensor] | None = None) -> None:
         """Store the training step's decision: over the declared set (``declared``: its z^s) or
-        over the batch (``gates_specific``), against the task-agnostic gates."""
+        over the batch (``gates_specific``), against the task-agnostic gates; ``means`` (N, C) are
+        the z^s means of those rows (over every rank with ``rank_sync``)."""
         if declared is not None:
-            self.z_agnostic.copy_(torch.stack([z.mean(dim=0) for z in declared]))
+            self.z_agnostic.copy_(means)
             self.ema_started.fill_(True)
-            self._store_decision([(z > 0).float() for z in declared], [ga.detach() for ga in gates_agnostic])
+            self._store_decision([(z > 0).float() for z in declared], [ga.detach() for ga in gates_agnostic], sync=True)
             return
-        means = torch.stack([z.mean(dim=0) for z in specific])
         if bool(self.ema_started):
             self.z_agnostic.mul_(self.ema_momentum).add_(means, alpha=1 - self.ema_momentum)
         else:
             self.z_agnostic.copy_(means)
             self.ema_started.fill_(True)
-        self._store_decision([gs.detach() for gs in gates_specific], [ga.detach() for ga in gates_agnostic])
+        self._store_decision([gs.detach() for gs in gates_specific], [ga.detach() for ga in gates_agnostic], sync=True)
 
     def shared_maps(self) -> int:
         """Number of feature maps in the shared prefix (the current decision)."""
@@ -266,11 +315,11 @@ class TASNetSearchNet(nn.Module):
 
         ``keep_maps=True`` also returns every searchable feature map (for tests, pictures).
         """
-        specific, agnostic, declared = self._importance(task)
+        specific, agnostic, declared, means = self._importance(task)
         gates_specific = [gate(z) for z in specific]
         gates_agnostic = [gate(z) for z in agnostic]
         if self.training:
-            self._update_state(specific, gates_specific, gates_agnostic, declared)
+            self._update_state(means, gates_specific, gates_agnostic, declared)
         phi = self.phi.clone()
         batch = x.shape[0]
         masks = [ga.expand(batch, -1) if shared else gs

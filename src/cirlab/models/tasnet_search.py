@@ -15,6 +15,11 @@ L1/R1/R2, ``search/gflops_27_hd`` (FLOPs per inference of the 27-point workload 
 shared prefix amortised over the 27 tasks), ``search/flops_ratio`` (that cost over CResMD's),
 ``search/shared_maps`` and the mean active channels, writes ``search/architecture.json`` (every
 map: shared or not, eta, channels) and draws the architecture picture.
+
+Under DDP every rank takes one sharing decision: the network sums the decision's statistics over
+the ranks before thresholding (``TASNetSearchNet.rank_sync``, set in :meth:`TASNetSearch.setup`),
+and each validation checks that z^a, eta and phi are the same on every rank (``RuntimeError``
+otherwise). The search needs DDP's ``find_unused_parameters`` (see :meth:`TASNetSearch.setup`).
 """
 
 from __future__ import annotations
@@ -105,6 +110,35 @@ class TASNetSearch(RestorationModule):
             tasks.append((levels_in - levels_gt).float())
         return torch.cat(tasks)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.net.rank_sync = self.trainer.world_size > 1
+        # DDP must look for unused parameters here: which parameters a step uses depends on the
+        # sharing decision, which changes during the search. A block whose output map is shared
+        # scales its residual with agnostic_scale, so its local_scale MLP gets no gradient; while
+        # nothing is shared (the warm-up, or gamma = 1) agnostic_scale gets none. Without the flag
+        # DDP stops at the next step ("Expected to have finished reduction in the prior iteration").
+        # The other modules use every trainable parameter at every step and keep DDP's default.
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)  # Lightning's DDPStrategy keeps them here
+        if isinstance(ddp_kwargs, dict):
+            if ddp_kwargs.get("find_unused_parameters") is False:
+                log.warning("trainer.strategy sets find_unused_parameters=False: a TASNet search step that "
+                            "leaves a parameter unused will stop DDP")
+            else:
+                ddp_kwargs["find_unused_parameters"] = True
+
+    def check_ranks_agree(self) -> None:
+        """``RuntimeError`` unless every rank holds the same z^a, eta and phi (no-op on one rank)."""
+        if self.trainer.world_size < 2:
+            return
+        net = self.net
+        state = torch.cat([net.z_agnostic.flatten().float(), net.eta.float(), net.phi.float()])
+        gathered = self.all_gather(state)  # (world_size, K)
+        if not bool((gathered == gathered[0]).all()):
+            differ = (gathered != gathered[0]).any(dim=1).nonzero().flatten().tolist()
+            raise RuntimeError(f"the sharing decision differs between DDP ranks (ranks {differ} differ from rank 0): "
+                               "the search's statistics were not reduced over the ranks")
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.net.decision == "declared":
@@ -185,6 +219,7 @@ class TASNetSearch(RestorationModule):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
+        self.check_ranks_agree()
         arch = self.architecture()
         self.log("search/gflops_27_hd", arch["flops_per_inference"] / 1e9, sync_dist=True)
         self.log("search/flops_ratio", arch["flops_ratio"], sync_dist=True)
