@@ -174,3 +174,28 @@ def plot_curves(x: list[float], panels: list[tuple[str, dict[str, list[float]]]]
     save_figure_atomically(figure, Path(path))
     plt.close(figure)
     return Path(path)
+
+
+def plot_quality_flops(points: dict[str, tuple[float, float]], path: Path, *, ylabel: str = "PSNR (dB)",
+                       xlabel: str = "GFLOPs per inference", title: str = "") -> Path:
+    """One labelled point per model: ``points[name] = (FLOPs, quality)``, FLOPs on a log axis
+    (shown in GFLOPs). Saved atomically as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    for index, (name, (flops, quality)) in enumerate(points.items()):
+        axis.scatter([flops / 1e9], [quality], s=48, color=f"C{index % 10}", zorder=3)
+        axis.annotate(name, (flops / 1e9, quality), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if points and min(f for f, _ in points.values()) > 0:
+        axis.set_xscale("log")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(True, which="both", alpha=0.3)
+    if title:
+        axis.set_title(title, fontsize=10)
+    save_figure_atomically(figure, Path(path))
+    plt.close(figure)
+    return Path(path)

@@ -159,3 +159,33 @@ def write_level_tables(out_dir: Path, stem: str, levels: Sequence[float], column
     write_text_atomically(md, "\n".join(lines) + "\n")
     write_text_atomically(csv_path, "\n".join(csv) + "\n")
     return [md, csv_path]
+
+
+def quality_flops_tables(result) -> tuple[str, str]:
+    """Markdown and CSV of a protocol's comparison (a :class:`cirlab.evaluation.protocols.
+    ProtocolResult`): one row per model with its quality metrics, its FLOPs on the protocol's
+    workload, per inference, and relative to the first model."""
+    metrics = list(result.metrics)
+    names = result.models
+    workload = result.workload
+    lines = [f"# {result.protocol}: quality and FLOPs", "",
+             f"Workload: {workload['text']}. FLOPs: analytic, 2 per multiply-add, convolutions (and HyperRes's "
+             "weight generation); TASNet's shared prefix once per image; per inference = workload / "
+             f"{workload['tasks']} task vectors.", ""]
+    lines += [note for note in result.notes] + ([""] if result.notes else [])
+    header = ["model", "kind", *[m.upper() if m in ("psnr", "ssim") else m for m in metrics],
+              "GFLOPs (workload)", "GFLOPs / inference", f"FLOPs vs {names[0]}" if names else "FLOPs vs first"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    csv = ["model,kind," + ",".join(metrics) + ",flops,flops_per_inference,flops_ratio"]
+    base = result.flops[names[0]] if names else 0
+    for name in names:
+        values = [float(result.quality[name][m]) for m in metrics]
+        flops = int(result.flops[name])
+        ratio = flops / base if base else float("nan")
+        shown = [f"{v:.2f}" if m.startswith("psnr") else f"{v:.4f}" for m, v in zip(metrics, values)]
+        lines.append(f"| {name} | {result.kinds.get(name, '')} | " + " | ".join(shown)
+                     + f" | {flops / 1e9:,.3f} | {result.per_inference(name) / 1e9:,.3f} | {100 * ratio:.1f}% |")
+        quoted = f'"{name}"' if "," in name or '"' in name else name
+        csv.append(f"{quoted},{result.kinds.get(name, '')}," + ",".join(f"{v:.6f}" for v in values)
+                   + f",{flops},{result.per_inference(name):.1f},{ratio:.6f}")
+    return "\n".join(lines) + "\n", "\n".join(csv) + "\n"

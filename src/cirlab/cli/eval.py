@@ -1,5 +1,5 @@
-"""``cirlab-eval ckpt_path=...``: score a checkpoint on the test grid of ``conf/eval.yaml``
-(``cirlab.evaluation.grid.evaluate``)."""
+"""``cirlab-eval``: score one checkpoint (``ckpt_path=...``) or several (``models=[NAME=PATH,...]``)
+of any kind under a protocol of ``conf/protocol/`` (``cirlab.evaluation.compare.run_eval``)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import hydra
 from omegaconf import DictConfig
 
 from cirlab.config import CONFIG_DIR, register_configs
-from cirlab.evaluation.grid import evaluate
+from cirlab.evaluation.compare import run_eval
 from cirlab.utils.wandb import finish_wandb
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
-        evaluate(cfg)
+        run_eval(cfg)
     finally:
         finish_wandb()
 

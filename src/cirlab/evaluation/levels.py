@@ -134,3 +134,50 @@ def write_outputs(result: dict, out_dir: Path, show_each_dedicated: bool = False
     paths.append(out_dir / "levels.json")
     paths.append(plot_levels(result, out_dir / "levels_psnr.png", show_each_dedicated))
     return paths
+
+
+# --------------------------------------------------------------------------- the levels protocol
+SCALAR_KINDS = ("hyperres", "hyperres_dedicated")
+
+
+def level_model(restorer) -> LevelModel:
+    """The :class:`LevelModel` of a scalar-level restorer (``cirlab.evaluation.restorers``)."""
+    if getattr(restorer, "kind", None) not in SCALAR_KINDS:
+        raise ValueError(f"protocol=levels scores scalar-level models ({', '.join(SCALAR_KINDS)}); model "
+                         f"{restorer.name!r} is a {restorer.kind} checkpoint: use protocol=grid")
+    return LevelModel(name=restorer.name, net=restorer.net, level_scale=restorer.level_scale,
+                      train_levels=list(restorer.train_levels), dedicated=restorer.kind == "hyperres_dedicated",
+                      task=restorer.task)
+
+
+def run_levels(cfg, restorers, out_dir: Path):
+    """The ``levels`` protocol (``conf/protocol/levels*.yaml``): HyperRes level sweeps as
+    ``cirlab-hyperres-eval`` runs them (:func:`evaluate_levels`, :func:`write_outputs` under
+    ``out_dir``). Quality: PSNR and SSIM averaged over the sweep's levels. FLOPs: one image of
+    ``protocol.flops_resolution`` at every sweep level (one generated network per level)."""
+    from cirlab.evaluation.protocols import ProtocolResult, resolve_images, workload_size
+    from cirlab.evaluation.restorers import hyperres_flops
+
+    settings = cfg.protocol
+    task = get_task(str(settings.task))
+    levels = task.check(settings.levels if settings.get("levels") is not None else task.sweep_levels, "protocol.levels")
+    models = [level_model(r) for r in restorers]  # before any image is read
+    folder = resolve_images(cfg, Path(cfg.paths.data_dir) / task.test_set)
+    device = restorers[0].device if restorers else "cpu"
+    result = evaluate_levels(models, task.name, folder, levels, channel=settings.get("channel"),
+                             seed=int(settings.get("seed", 0)), max_images=settings.get("max_images"),
+                             crop=settings.get("crop"), device=device, chunk=int(settings.get("chunk", 6)))
+    files = write_outputs(result, Path(out_dir), bool(settings.get("show_each_dedicated", False)))
+    height, width = workload_size(cfg)
+    quality = {m.name: {"psnr": sum(result["psnr"][m.name]) / len(levels), "ssim": sum(result["ssim"][m.name]) / len(levels)}
+               for m in models}
+    flops = {r.name: hyperres_flops(r.net, len(levels), height, width) for r in restorers}
+    text = ", ".join(f"{v:g}" for v in levels)
+    return ProtocolResult(
+        protocol=f"levels ({task.name})", metrics=["psnr", "ssim"], quality=quality, flops=flops,
+        workload={"tasks": len(levels), "height": height, "width": width,
+                  "text": f"{len(levels)} {task.unit} levels ({text}) on one {width}x{height} image"},
+        kinds={r.name: r.kind for r in restorers},
+        notes=[f"Images: {folder} ({result['images']}), {task.name} at {task.unit} {text}, channel "
+               f"{result['channel']}; PSNR/SSIM average the levels (per level: levels.md)."],
+        files=files, details={"levels": levels, "psnr": result["psnr"], "ssim": result["ssim"]})
