@@ -184,3 +184,32 @@ def test_a_named_set_from_the_shared_data(tmp_path):
     result = run_eval(cfg).comparison
     assert "Set5 (2)" in result.notes[0]
     assert torch.isfinite(torch.tensor(result.quality[result.models[0]]["psnr"]))
+
+
+@pytest.mark.slow
+def test_make_compare_recipe_at_a_tiny_scale(tmp_path):
+    """The recipe end to end: the pipeline's CResMD and TASNet, the 3-D HyperRes on the same data,
+    one grid comparison of the three (3 training steps each, tiny networks)."""
+    from cirlab.evaluation.recipe import run_compare
+
+    tiny = ("data.batch_size=4 data.patch_size=32 data.batches_per_epoch=3 data.val_crop=48 trainer.max_steps=3 "
+            "callbacks.task_grid_picture.crop=48 logger=csv callbacks.progress_bar.refresh_rate=0")
+    paths = [f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    pipeline = [*paths, f'pipeline.cresmd.extra="model=cresmd_tiny {tiny}"',
+                f'pipeline.search.extra="model=tasnet_search_tiny {tiny}"', f'pipeline.finetune.extra="{tiny}"',
+                "pipeline.threads=1"]
+    hyperres = [*paths, "model.net.nf=8", "model.net.nb=2", *tiny.split()]
+    result = run_compare(tmp_path / "compare", protocols=["grid"], pipeline_overrides=pipeline,
+                         hyperres_overrides=hyperres, eval_overrides=[*paths, "data=embedded", "protocol.crop=48",
+                                                                      "device=cpu"])
+    grid = result["comparisons"]["grid"]
+    assert [m["name"] for m in grid["models"]] == ["CResMD", "TASNet", "HyperRes3D"]
+    assert [m["kind"] for m in grid["models"]] == ["cresmd", "tasnet_finetune", "hyperres_3d"]
+    assert all(m["flops"] > 0 and m["psnr"] > 5 for m in grid["models"])
+    summary = Path(result["summary"]).read_text()
+    assert "HyperRes3D" in summary and "cirlab.cli.eval" in summary
+    again = run_compare(tmp_path / "compare", protocols=["grid"], pipeline_overrides=pipeline,
+                        hyperres_overrides=hyperres)  # finished steps are kept: nothing reruns
+    assert again["comparisons"] == result["comparisons"]
+    with pytest.raises(ValueError, match="nonsense"):
+        run_compare(tmp_path / "other", protocols=["nonsense"])
