@@ -41,6 +41,9 @@ fit: $(STAMP)  ## one training job (cirlab-train): make fit experiment=cresmd_pa
 eval: $(STAMP)  ## score a checkpoint: make eval ckpt_path=... (data=cbsd68 by default)
 	$(BIN)/cirlab-eval $(OVERRIDES) $(ARGS)
 
+compare: $(STAMP)  ## CResMD, TASNet and the 3-D HyperRes trained alike, scored side by side (ARGS="--out logs/compare/x")
+	$(BIN)/python -m cirlab.cli.compare $(ARGS)
+
 data: $(STAMP)  ## download DIV2K and CBSD68 into data/ (needs internet; resumes, verifies checksums)
 	$(BIN)/cirlab-data --root data $(ARGS)
 
