@@ -135,11 +135,56 @@ def load_module(ckpt_path: str | Path, *, key: str = "ckpt_path", **overrides):
         kind = "a standalone TASNet (load it with load_network)" if checkpoint.get("format") == TASNET_FORMAT else \
             "not written by a cirlab LightningModule (no 'cirlab_module' entry)"
         raise CheckpointError(f"{_label(Path(ckpt_path), key)} is {kind}")
-    cls = import_target(qualified)
+    label = _label(Path(ckpt_path), key)
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise CheckpointError(f"{label}: names {qualified} but holds no state_dict (damaged, or not written by "
+                              "Lightning); expected a cirlab module checkpoint")
+    try:
+        cls = import_target(qualified)
+    except (ImportError, AttributeError, ValueError):
+        raise CheckpointError(f"{label}: written by module {qualified!r}, which this cirlab does not have") from None
     hparams = checkpoint.get("hyper_parameters") or {}
     resolved = _resolve_targets(hparams)
     changed = {k: v for k, v in resolved.items() if v != hparams.get(k)}
-    return cls.load_from_checkpoint(Path(ckpt_path), map_location="cpu", weights_only=True, **changed, **overrides)
+    try:
+        return cls.load_from_checkpoint(Path(ckpt_path), map_location="cpu", weights_only=True, **changed,
+                                        **overrides)
+    except (KeyError, RuntimeError, TypeError) as error:
+        # e.g. a missing Lightning entry, weights of another shape, hyper-parameters the class rejects
+        raise CheckpointError(f"{label}: a {qualified} checkpoint that cannot be rebuilt ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:300] if str(error) else ''}); expected one written by "
+                              "cirlab-train with this version of cirlab") from None
+
+
+#: Entries every resumable Lightning checkpoint holds.
+RESUME_ENTRIES = ("state_dict", "pytorch-lightning_version", "optimizer_states", "loops")
+
+
+def check_resume_checkpoint(path: str | Path, expected_module: str | None = None, *,
+                            key: str = "ckpt_path") -> dict:
+    """Check, before training starts, that ``path`` is a checkpoint ``trainer.fit`` can resume:
+    readable (:func:`read_checkpoint`), a full Lightning training state (:data:`RESUME_ENTRIES`),
+    written by a cirlab module and, if ``expected_module`` (a ``_target_``) is given, by that
+    module's class. Returns the checkpoint; raises :class:`CheckpointError` (or ``FileNotFoundError``)
+    naming ``key``, the file, what it is and what resuming expects."""
+    what = "Lightning training checkpoint (checkpoints/last.ckpt of a cirlab-train run)"
+    checkpoint = read_checkpoint(path, key=key, what=what)
+    label = _label(Path(path), key)
+    if checkpoint.get("format") == TASNET_FORMAT:
+        raise CheckpointError(f"{label} is a standalone TASNet (cirlab-derive), not a {what}; to fine-tune it, "
+                              "pass it as model.derived_ckpt with model=tasnet_finetune")
+    missing = [entry for entry in RESUME_ENTRIES if entry not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{label}: not a {what}: it has no {', '.join(repr(m) for m in missing)} entr"
+                              f"{'y' if len(missing) == 1 else 'ies'}")
+    written_by = checkpoint.get("cirlab_module")
+    if not written_by:
+        raise CheckpointError(f"{label}: a Lightning checkpoint not written by a cirlab module (no 'cirlab_module' "
+                              f"entry); expected a {what}")
+    if expected_module and resolve_target(written_by) != resolve_target(expected_module):
+        raise CheckpointError(f"{label} was written by {written_by}, but this run trains {expected_module} "
+                              "(model=...): resume it with the model config that wrote it")
+    return checkpoint
 
 
 def load_network(source, map_location: str | torch.device = "cpu", *, key: str = "--ckpt") -> torch.nn.Module:

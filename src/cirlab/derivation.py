@@ -56,19 +56,28 @@ def load_search_net(path: str | Path):
     from cirlab.archs.tasnet_search import TASNetSearchNet
     from cirlab.checkpoints import net_state_dict, read_checkpoint, resolve_target
 
+    from cirlab.checkpoints import CheckpointError
+
     path = Path(path)
-    checkpoint = read_checkpoint(path, key="--ckpt", what="TASNet search checkpoint")
+    what = "TASNet search checkpoint (checkpoints/last.ckpt of a model=tasnet_search run)"
+    checkpoint = read_checkpoint(path, key="--ckpt", what=what)
+    label = f"--ckpt={str(path)!r}"
     if checkpoint.get("format") == FORMAT:
-        raise ValueError(f"{path} is already a derived TASNet checkpoint")
-    config = dict((checkpoint.get("hyper_parameters") or {}).get("net") or {})
-    target = resolve_target(config.pop("_target_", ""))
+        raise CheckpointError(f"{label} is already a derived TASNet checkpoint, not a {what}")
+    hparams = checkpoint.get("hyper_parameters")
+    config = dict((hparams.get("net") if isinstance(hparams, dict) else None) or {})
+    target = resolve_target(str(config.pop("_target_", "")))
     if not target.endswith("TASNetSearchNet"):
-        raise ValueError(f"{path} is not a TASNet search checkpoint (its network is {target or 'unknown'!r})")
+        raise CheckpointError(f"{label} is not a {what}: its network is {target or 'not recorded'!r}")
     state = net_state_dict(checkpoint, path=path, key="--ckpt")
     if "decision" not in config and "decision_tasks" not in state:
         config["decision"] = "batch"  # searched before declared task sets: its stored decision is its own
-    net = TASNetSearchNet(**{k: v for k, v in config.items() if not k.startswith("_")})
-    net.load_state_dict(state, strict=True)
+    try:
+        net = TASNetSearchNet(**{k: v for k, v in config.items() if not k.startswith("_")})
+        net.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as error:  # hyper-parameters or weights that do not fit
+        raise CheckpointError(f"{label}: a damaged or incompatible {what} ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:300] if str(error) else ''})") from None
     return net.eval()
 
 
@@ -214,6 +223,8 @@ def derive_checkpoint(search_ckpt: str | Path, out_dir: str | Path, grid: str | 
     from cirlab.utils.files import atomic_path
 
     search_ckpt, out_dir = Path(search_ckpt), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {str(out_dir)!r} is an existing file")
     search_net = load_search_net(search_ckpt)
     if weights is not None:
         use_cresmd_weights(search_net, weights)

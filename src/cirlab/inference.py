@@ -58,6 +58,32 @@ def _spans(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]
     return spans
 
 
+def check_tasks(tasks: Tensor, cond_dim: int | None = None, key: str = "tasks") -> Tensor:
+    """``tasks`` as an (M, cond_dim) float tensor, or ``ValueError`` naming ``key``: every value finite
+    and in [0, 1] (NaN passes ``< 0`` and ``> 1`` tests, so it is checked on its own), M >= 1."""
+    tasks = torch.as_tensor(tasks, dtype=torch.float32)
+    if tasks.ndim == 1:
+        tasks = tasks[None]
+    if tasks.ndim != 2 or tasks.shape[0] < 1 or (cond_dim is not None and tasks.shape[1] != cond_dim):
+        expected = f"(M, {cond_dim})" if cond_dim is not None else "(M, D)"
+        raise ValueError(f"{key}: expected task vectors of shape {expected}, got {tuple(tasks.shape)}")
+    bad = ~torch.isfinite(tasks) | (tasks < 0) | (tasks > 1)
+    if bad.any():
+        row = int(bad.any(dim=1).nonzero()[0])
+        raise ValueError(f"{key}: task vector {row} = {tasks[row].tolist()} has a value outside [0, 1] (or not a number)")
+    return tasks
+
+
+def check_restore_options(tile: int | None = None, overlap: int | None = None, max_batch: int | None = None,
+                          prefix: str = "") -> None:
+    """``ValueError`` naming the option (``prefix`` + name, e.g. ``--max-batch``) of a bad tiling or
+    batching value: ``tile`` >= 2, ``overlap`` >= 0, ``max_batch`` >= 1 (None: the default)."""
+    for name, value, low in (("tile", tile, 2), ("overlap", overlap, 0), ("max-batch" if prefix else "max_batch",
+                                                                         max_batch, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{prefix}{name}={value!r} must be an integer >= {low}")
+
+
 def restore(net: nn.Module | str | Path, image: Tensor, tasks: Tensor, *, tile: int | None = None,
             overlap: int | None = None, autocast: str | None = None, max_batch: int | None = None,
             channels_last: bool | None = None) -> Tensor:
@@ -83,8 +109,8 @@ def restore(net: nn.Module | str | Path, image: Tensor, tasks: Tensor, *, tile: 
     image = image[None] if image.ndim == 3 else image
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"restore() takes one image (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
-    if tasks.ndim == 1:
-        tasks = tasks[None]
+    check_restore_options(tile, overlap, max_batch)
+    tasks = check_tasks(tasks, getattr(net, "cond_dim", None))
     device = next(net.parameters()).device
     tasks = tasks.to(device=device, dtype=torch.float32)
     height, width = image.shape[-2:]

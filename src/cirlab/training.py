@@ -22,8 +22,10 @@ from omegaconf import DictConfig
 
 from cirlab.config import validate_config
 from cirlab.utils.run import (
+    claim_run_dir,
     instantiate_callbacks,
     instantiate_loggers,
+    instantiate_node,
     job_config,
     metrics_to_floats,
     resolve_ckpt_path,
@@ -49,17 +51,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def run_training(cfg: DictConfig) -> TrainingRun:
-    """Run one training job described by ``cfg`` (the steps of the module docstring)."""
+    """Run one training job described by ``cfg`` (the steps of the module docstring), owning its run
+    directory meanwhile (``cirlab.utils.run.claim_run_dir``: a folder a live job owns is refused)."""
     if "pipeline" in cfg:
         raise ValueError("the config sets pipeline.* keys: that experiment is a whole pipeline; run it with "
                          "cirlab-pipeline (`make train experiment=...`)")
     validate_config(cfg)
+    with claim_run_dir(cfg.paths.output_dir):
+        return _run_training(cfg)
+
+
+def _run_training(cfg: DictConfig) -> TrainingRun:
+    # a damaged or foreign resume checkpoint fails here, before anything is built
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg) if cfg.get("train", True) else None
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("data: %s", cfg.data._target_)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate_node(cfg.data)
     log.info("model: %s", cfg.model._target_)
-    model = hydra.utils.instantiate(cfg.model)
+    model = instantiate_node(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     if not loggers:  # logger=none: callbacks that only feed a logger have nothing to do
@@ -75,15 +85,14 @@ def run_training(cfg: DictConfig) -> TrainingRun:
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(metrics_to_floats(trainer.callback_metrics))
 
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint was saved: testing the current weights")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update(metrics_to_floats(trainer.callback_metrics))
         average = Path(trainer.default_root_dir) / "test_average.md"
         if trainer.is_global_zero and average.is_file():  # the module wrote its tables where it tested

@@ -9,6 +9,23 @@ from cirlab.derivation import derive_checkpoint
 from cirlab.tasks import HD
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """``ValueError`` naming the first bad option, before the checkpoint is read or anything derived."""
+    from pathlib import Path
+
+    from cirlab.tasks import level_grid
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out={args.out!r} is an existing file; give a folder (it is created if missing)")
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1 (pixels of the FLOPs summary)")
+    try:
+        level_grid(args.grid)
+    except ValueError as error:
+        raise ValueError(f"--grid={args.grid!r}: {error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``cirlab-derive``."""
     parser = argparse.ArgumentParser(prog="cirlab-derive", description=__doc__.split("\n\n")[0].strip("`"))
@@ -22,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the search's (TASNet-A: the absolute-GT CResMD, then experiment=tasnet_a_paper)")
     args = parser.parse_args(argv)
     try:
+        check_options(args)
         result = derive_checkpoint(args.ckpt, args.out, args.grid, args.height, args.width, figure=not args.no_figure,
                                    weights=args.weights)
     except (FileNotFoundError, ValueError) as error:

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from cirlab.checkpoints import CheckpointError, read_checkpoint
 from cirlab.data.hyperres import get_task
 from cirlab.evaluation.levels import evaluate_levels, load_level_model, write_outputs
+from cirlab.utils.run import new_run_id
 
 
 def parse_levels(text: str | None) -> list[float] | None:
@@ -52,7 +54,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=6, help="levels per forward pass (default 6)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="output folder (default: logs/hyperres_eval/<task>_<date>_<time>)")
+    parser.add_argument("--out", help="output folder (default: logs/hyperres_eval/<task>_<date>_<time>_<id>)")
     parser.add_argument("--show-each-dedicated", action="store_true", help="also draw one curve per dedicated network")
     args = parser.parse_args(argv)
     specs = [*args.model, *args.models]
@@ -62,8 +64,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
     folder = Path(args.data) if args.data else Path(args.data_root) / task.test_set
     if not folder.is_dir():
         parser.error(f"--data {folder}: no such folder (put the {task.test_set} images there or pass --data)")
-    out = Path(args.out) if args.out else Path("logs") / "hyperres_eval" / f"{args.task}_{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
-    models = [load_level_model(spec, args.device) for spec in specs]
+    out = Path(args.out) if args.out else Path("logs") / "hyperres_eval" / f"{args.task}_{dt.datetime.now():%Y-%m-%d_%H-%M-%S}_{new_run_id()}"
+    try:  # every checkpoint is read before any is scored; an error names --model and the file
+        for spec in specs:
+            name, sep, path = spec.partition("=")
+            read_checkpoint(path if sep else spec, key="--model", what="HyperRes or dedicated-network checkpoint")
+        models = [load_level_model(spec, args.device) for spec in specs]
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        parser.error(f"--model: {error}" if not str(error).startswith("--model") else str(error))
     result = evaluate_levels(models, args.task, folder, parse_levels(args.levels), channel=args.channel, seed=args.seed,
                              max_images=args.max_images, crop=args.crop, device=args.device, chunk=args.chunk)
     paths = write_outputs(result, out, args.show_each_dedicated)

@@ -12,8 +12,28 @@ import torch
 
 from cirlab.checkpoints import load_network
 from cirlab.figures import contact_sheet, to_pil
-from cirlab.inference import restore
+from cirlab.inference import check_restore_options, check_tasks, restore
 from cirlab.tasks import parse_tasks, task_label
+from cirlab.utils.files import atomic_path
+from cirlab.utils.run import write_text_atomically
+
+
+def _save_png(picture, path: Path) -> None:
+    with atomic_path(path) as tmp:  # a killed run leaves no half-written picture under the real name
+        picture.save(tmp, format="PNG")
+
+
+def _device(name: str | None) -> torch.device:
+    """``--device`` as a torch device (default: cuda if available), or ``ValueError`` naming it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name!r}: no CUDA device is available here")
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,36 +56,42 @@ def main(argv: list[str] | None = None) -> int:
     from cirlab.data.image_files import ImageFolderError, load_image
 
     try:
+        # every option is checked before the network is read or anything restored
+        check_restore_options(args.tile, args.overlap, args.max_batch, prefix="--")
+        if args.thumb < 16:
+            raise ValueError(f"--thumb={args.thumb} must be at least 16 (pixels per contact-sheet thumbnail)")
+        out_dir = Path(args.out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out={args.out!r} is an existing file; give a folder (it is created if missing)")
+        device = _device(args.device)
+        image = load_image(args.image, mode="gray_to_rgb").float() / 255
         net = load_network(args.ckpt)
         if args.grid:
             from cirlab.tasks import level_grid
 
             tasks = level_grid(args.grid)
         else:
-            tasks = parse_tasks(args.tasks, net.cond_dim)
-        image = load_image(args.image, mode="gray_to_rgb").float() / 255
+            tasks = check_tasks(parse_tasks(args.tasks, net.cond_dim), net.cond_dim, key=f"--tasks {args.tasks!r}")
     except (FileNotFoundError, ValueError, ImageFolderError) as error:
         print(f"cirlab-restore: {error}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_flush_denormal(True)  # no effect where unsupported
     net = net.to(device)
     outputs = restore(net, image, tasks, tile=args.tile, overlap=args.overlap, autocast=args.autocast,
                       max_batch=args.max_batch).cpu()
 
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
     manifest = []
     for m, (task, output) in enumerate(zip(tasks, outputs)):
         name = f"{stem}_{m:02d}_t" + "_".join(f"{v:.2f}" for v in task.tolist()) + ".png"
-        to_pil(output).save(out_dir / name)
+        _save_png(to_pil(output), out_dir / name)
         manifest.append({"file": name, "task": [round(v, 6) for v in task.tolist()], "label": task_label(task)})
     sheet = contact_sheet([image, *outputs], ["input", *[task_label(t) for t in tasks]], thumb=args.thumb)
     sheet_path = out_dir / f"{stem}_contact.png"
-    sheet.save(sheet_path)
-    (out_dir / f"{stem}_tasks.json").write_text(json.dumps({"ckpt": str(args.ckpt), "image": str(args.image),
-                                                            "outputs": manifest}, indent=1) + "\n")
+    _save_png(sheet, sheet_path)
+    write_text_atomically(out_dir / f"{stem}_tasks.json", json.dumps({"ckpt": str(args.ckpt), "image": str(args.image),
+                                                                      "outputs": manifest}, indent=1) + "\n")
     print(f"{len(manifest)} restored images and the contact sheet {sheet_path} in {out_dir}")
     return 0
 

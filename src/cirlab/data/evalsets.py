@@ -8,8 +8,11 @@ the ``(G, 3)`` task-space levels; :class:`EvalSetDataset` serves them as float i
 
 Generation is deterministic: image ``i`` uses a generator seeded with
 ``mix_seed(seed, i)``, so two runs (or two machines) score the same inputs. The result is cached
-as one file whose name carries a fingerprint of the source files and of every setting, so a
-second run reuses it and any change regenerates it. Files are written atomically: no
+as one file whose name carries a fingerprint of what it holds: the SHA-256 of every source file's
+bytes, their names, and every setting (:func:`source_fingerprint`). Names, sizes and times are not
+trusted: two folders with same-named, same-sized files of equal mtimes (``setA/val`` and
+``setB/val``) get two caches. A reused cache is announced in the log with the folder it was built
+from; a damaged one is an error naming the file to delete. Files are written atomically: no
 half-written cache is ever read.
 
 Images of odd size are cropped (bottom/right) to even size, as the networks need
@@ -21,19 +24,58 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from cirlab.checkpoints import read_torch_file, save_torch_file
+from cirlab.checkpoints import CheckpointError, read_torch_file, save_torch_file
 from cirlab.data.image_files import center_crop
 from cirlab.data.loading import mix_seed
 from cirlab.metrics.conventions import quantize_uint8
 from cirlab.tasks import level_grid
 
-FORMAT_VERSION = 1
+#: 2: keyed by the content of the source files (1 was keyed by names, sizes and mtimes).
+FORMAT_VERSION = 2
+
+log = logging.getLogger(__name__)
+
+
+class EvalCacheError(RuntimeError):
+    """A cached evaluation set that cannot be used; the message names the file to delete."""
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def source_fingerprint(paths: Sequence[Path]) -> list[tuple[str, str]]:
+    """``(name, sha256 of the bytes)`` of each source image, in order: what a cache of images
+    generated from ``paths`` depends on (the names are kept because the tables show them)."""
+    return [(Path(p).name, file_digest(Path(p))) for p in paths]
+
+
+def load_cache(cache_file: Path, sources: list[tuple[str, str]], folder: str | Path) -> dict | None:
+    """The cached set in ``cache_file`` if it exists and was built from ``sources`` (else None,
+    and it is regenerated). A file that cannot be read is an :class:`EvalCacheError` naming it."""
+    if not cache_file.exists():
+        return None
+    try:
+        data = read_torch_file(cache_file, what="cached evaluation set")
+    except CheckpointError as error:
+        raise EvalCacheError(f"evaluation-set cache {cache_file} is damaged ({error}); delete that file "
+                             f"(rm '{cache_file}') and run again to regenerate it from {folder}") from None
+    if not isinstance(data, dict) or data.get("sources") != [list(s) for s in sources]:
+        log.warning("evaluation-set cache %s does not hold the images of %s now: regenerating it", cache_file, folder)
+        return None
+    log.info("reusing the evaluation set cached in %s (built from %s, %d images checked by content)", cache_file,
+             data.get("folder", "?"), len(sources))
+    return data
 
 
 @dataclass
@@ -49,19 +91,30 @@ class EvalSetSpec:
     config_key: str = "data.val_dir"
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # the config keys of these values: data.val_dir -> data.val_max_images, data.val_crop
+        stem = self.config_key[: -len("_dir")] if self.config_key.endswith("_dir") else self.config_key
+        if self.max_images is not None and (isinstance(self.max_images, bool) or not isinstance(self.max_images, int)
+                                            or self.max_images < 1):
+            raise ValueError(f"{stem}_max_images={self.max_images!r} must be an integer >= 1 (the first N images) "
+                             "or null for all")
+        if self.crop is not None and (isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1):
+            raise ValueError(f"{stem}_crop={self.crop!r} must be an integer >= 1 (pixels) or null for whole images")
 
-def _fingerprint(spec: EvalSetSpec, paths: list[Path], levels: torch.Tensor) -> str:
-    digest = hashlib.sha1()
+
+def _fingerprint(spec: EvalSetSpec, sources: list[tuple[str, str]], levels: torch.Tensor) -> str:
+    digest = hashlib.sha256()
     meta = {
         "version": FORMAT_VERSION,
         "grid": levels.tolist(),
         "max_images": spec.max_images,
         "crop": spec.crop,
         "seed": spec.seed,
-        "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in paths],
+        "extra": spec.extra,
+        "files": sources,
     }
     digest.update(json.dumps(meta, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:20]
 
 
 def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bool = True) -> dict:
@@ -77,11 +130,15 @@ def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bo
     paths = scan_folder(spec.folder, on_bad=spec.on_bad, config_key=spec.config_key)
     if spec.max_images is not None:
         paths = paths[: spec.max_images]
-    key = _fingerprint(spec, paths, levels)
     grid_name = spec.grid if isinstance(spec.grid, str) else f"custom{len(levels)}"
-    cache_file = Path(cache_dir) / f"{Path(spec.folder).name}-{grid_name}-{key}.pt" if cache_dir else None
-    if cache_file is not None and cache_file.exists():
-        return read_torch_file(cache_file, what="evaluation-set cache (delete it to regenerate)")
+    cache_file = None
+    if cache_dir:
+        sources = source_fingerprint(paths)
+        key = _fingerprint(spec, sources, levels)
+        cache_file = Path(cache_dir) / f"{Path(spec.folder).name}-{grid_name}-{key}.pt"
+        cached = load_cache(cache_file, sources, spec.folder)
+        if cached is not None:
+            return cached
 
     from tqdm.auto import tqdm
 
@@ -95,7 +152,9 @@ def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bo
         inputs.append(quantize_uint8(degraded))
     data = {"names": [p.name for p in paths], "clean": clean_images, "inputs": inputs, "levels": levels}
     if cache_file is not None:
-        save_torch_file(data, cache_file)
+        save_torch_file({**data, "sources": [list(s) for s in sources], "folder": str(Path(spec.folder).resolve())},
+                        cache_file)
+        log.info("cached the evaluation set of %s in %s", spec.folder, cache_file)
     return data
 
 
