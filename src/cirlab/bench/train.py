@@ -222,14 +222,19 @@ def recipes(config_dir: str | Path | None = None) -> list[dict]:
     """Every paper training recipe (``conf/experiment/*_paper.yaml`` that trains one module, and
     ``cresmd_relative``, the pipeline's CResMD): ``experiment``, ``steps`` per run, ``runs``,
     ``batch``, ``patch``."""
-    from cirlab.config import CONFIG_DIR, compose_job
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    folder = Path(config_dir or CONFIG_DIR) / "experiment"
-    names = sorted(p.stem for p in folder.glob("*_paper.yaml")) + ["cresmd_relative"]
+    from cirlab.config import CONFIG_DIR, register_configs
+
+    folder = Path(config_dir or CONFIG_DIR)
+    names = sorted(p.stem for p in (folder / "experiment").glob("*_paper.yaml")) + ["cresmd_relative"]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            cfg = compose_job("train", [f"experiment={name}"], tmp)
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(folder.resolve()), version_base="1.3", job_name="recipes"):
+        for name in names:  # only plain keys are read: no run directory needed
+            cfg = compose(config_name="train", overrides=[f"experiment={name}"])
             if "pipeline" in cfg:  # a whole pipeline (experiment=tasnet_paper): see PIPELINES
                 continue
             rows.append({"experiment": name, "steps": int(cfg.trainer.max_steps), "runs": _run_count(cfg),

@@ -207,6 +207,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"cirlab-bench train: --steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
     extra = [o for o in args.overrides if o != "--"]
     on_cpu = device == "cpu"
+    revision, date = git_revision(), utc_now()  # what ran: taken before the (long) measurements
     matmul_before = matmul_gflops(threads=2) if on_cpu else None
     results = []
     for experiment in experiments:
@@ -231,7 +232,7 @@ def run_train(args: argparse.Namespace) -> int:
     recipe_rows, pipelines = projections({k: r["median_s"] for k, r in best.items()}, recipes(),
                                          {k: r["variant"] for k, r in best.items()})
     command = "cirlab-bench " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
-    record = {"command": command, "date": utc_now(), "revision": git_revision(), "machine": machine_description(),
+    record = {"command": command, "date": date, "revision": revision, "machine": machine_description(),
               "device": device, "matmul": matmul, "results": results, "recipes": recipe_rows, "pipelines": pipelines,
               "note": "CPU timings on a shared machine are loaded; compare CPU rates at the reference matmul speed"
                       if on_cpu else ""}
@@ -247,6 +248,8 @@ def run_train(args: argparse.Namespace) -> int:
                      f"{matmul['after']['gflops_median']:.0f} after; reference {REFERENCE_GFLOPS:.0f})")
     print(f"\n{command}  ({record['date']}, rev {record['revision']}, {record['machine']['cpu_count']} CPU cores"
           f"{', ' + record['machine']['gpu'] if 'gpu' in record['machine'] else ''})")
+    if extra:
+        print(f"NOT the paper recipes as they stand: every job ran with the overrides {' '.join(extra)}")
     print(markdown(results, recipe_rows, pipelines, reference))
     print(f"written to {out} (key {key})")
     return 0
