@@ -198,6 +198,7 @@ def test_studies_write_every_file_and_are_deterministic(tmp_path):
         assert not list(out.rglob(".*.tmp"))
         if study == "modulation":
             assert (out / "blind_modulation_per_image_summary.csv").read_text().splitlines()[0] == "image,model,cv,total_change"
+            assert "Note: id moved less than 1 grey level" in text  # the identity never modulates
         again = run_study(study, models, photos(), {"crop": CROP, "strips": 0, **settings})
         assert again.rows == result.rows
 

@@ -28,7 +28,10 @@ from cirlab.figures import contact_sheet, plot_curves
 from cirlab.utils.files import atomic_path
 from cirlab.utils.run import write_json_atomically, write_text_atomically
 
-__all__ = ["log_to_wandb", "write_study"]
+__all__ = ["STATIC_CHANGE", "log_to_wandb", "write_study"]
+
+#: modulation: a total change (RMS on 0..255, summed over the sweep) below this is flagged as "barely modulates"
+STATIC_CHANGE = 1.0
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -65,6 +68,11 @@ def _markdown(result) -> str:
     for model in result.models:
         lines.append(f"| {model} | {result.kinds[model]} | "
                      + " | ".join(_cell(result.summary[model][k]) for k in keys) + " |")
+    static = [m for m in result.models if result.summary[m].get("total_change", math.inf) < STATIC_CHANGE]
+    if static:
+        lines += ["", f"Note: {', '.join(static)} moved less than {STATIC_CHANGE:g} grey level (RMS, summed over "
+                  "the sweep): the output barely modulates, so its CV describes rounding-level changes, not a "
+                  "visible modulation."]
     return "\n".join(lines) + "\n"
 
 
