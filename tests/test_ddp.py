@@ -82,14 +82,15 @@ def test_cresmd_trains_validates_and_tests_under_gloo(tmp_path, shared_cache):
     assert_validation_equals_one_process(cfg, metrics)
 
 
-@pytest.mark.parametrize("decision", ["declared", "batch"])
-def test_tasnet_search_takes_one_sharing_decision_on_every_rank(tmp_path, shared_cache, decision):
-    """init_bias 0 starts each channel's gate near its threshold, so each rank's own batch would
-    give it its own z^a, eta and phi; summed over ranks, the decision is one."""
+def test_tasnet_search_takes_one_sharing_decision_on_every_rank(tmp_path, shared_cache):
+    """With ``decision=batch`` each rank's own batch would give it its own z^a, eta and phi (init_bias
+    0 starts each channel's gate near its threshold); summed over ranks, the decision is one. (The
+    declared rule sums the same statistics over the declared set; the ranks agree on it even
+    unsummed, so this test would not tell.)"""
     record = tmp_path / "ranks"
     record.mkdir()
     cfg, metrics = run(tmp_path, shared_cache, "model=tasnet_search_tiny", *GRID, "model.workload_grid=single",
-                       f"model.net.decision={decision}", "model.net.init_bias=0.0", "model.net.ema_momentum=0.5",
+                       "model.net.decision=batch", "model.net.init_bias=0.0", "model.net.ema_momentum=0.5",
                        "model.decision_samples=16", "model.controller_lr=0.1", "trainer.max_steps=3",
                        "data.batches_per_epoch=3", f"+callbacks.record_decisions._target_={__name__}.RecordDecisions",
                        f"+callbacks.record_decisions.folder={record}")
@@ -101,7 +102,6 @@ def test_tasnet_search_takes_one_sharing_decision_on_every_rank(tmp_path, shared
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
     phi = ranks[0]["state"]["phi"]
-    assert 0 < int(ranks[0]["state"]["eta"].sum()) or int(phi.sum()) == 0  # a real decision was taken
     assert metrics["search/shared_maps"] == int(phi.sum())
     assert_validation_equals_one_process(cfg, metrics)
 
