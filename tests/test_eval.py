@@ -62,6 +62,9 @@ def test_two_models_give_one_table_and_plot_with_their_flops(tmp_path):
         assert 5 < model["psnr"] < 100 and 0 < model["ssim"] <= 1
         assert f"{model['flops'] / 1e9:,.3f}" in table
     assert result.comparison.quality["CResMD"]["psnr"] != result.comparison.quality["TASNet"]["psnr"]
+    per_task = (out / "comparison_per_task.md").read_text()
+    assert "CResMD, TASNet on the same test grid" in per_task and "| PSNR TASNet - CResMD |" in per_task
+    assert per_task.count("| r=") == 27  # one row per grid point
     csv = (out / "comparison.csv").read_text().splitlines()
     assert csv[0].startswith("model,kind,psnr,ssim,flops") and len(csv) == 3
 

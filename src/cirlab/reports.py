@@ -98,20 +98,28 @@ def write_grid_tables(result: PerTaskResult, averages: dict[str, float], out_dir
 
 
 def comparison_table(averages: dict[str, dict[str, float]], results: dict[str, PerTaskResult],
-                     flops: dict[str, dict], labels: dict[str, str] | None = None) -> str:
+                     flops: dict[str, dict], labels: dict[str, str] | None = None,
+                     title: str = "CResMD and TASNet on the same test grid",
+                     workload: str = "the whole 27-point workload on one 1280x720 image",
+                     resolution: tuple[int, int] = (720, 1280)) -> str:
     """Markdown comparing models scored on the same grid: their averages, then one row per task
     with each model's PSNR, SSIM and GFLOPs (``flops[name]``: ``labels``, ``first_pass`` per task
     and ``total`` of the workload, in FLOPs). ``labels[name]`` says what each model is (e.g. which
     ground truth a CResMD was trained with); the first model is the FLOPs reference, and the
-    per-task PSNR differences are the last model's against each other one."""
+    per-task PSNR differences are the last model's against each other one. ``title``,
+    ``workload`` (its description) and ``resolution`` (height, width) describe the FLOPs figures."""
     names = list(averages)
+    size = f"{resolution[1]}x{resolution[0]}"
+    short = "HD" if tuple(resolution) == (720, 1280) else size
     labels = {name: (labels or {}).get(name, name) for name in names}
-    lines = ["# CResMD and TASNet on the same test grid", "",
-             "Averages over the degraded task vectors (the clean point apart); FLOPs of the whole 27-point "
-             "workload on one 1280x720 image (2 per MAC, convolutions only; TASNet's shared prefix once).", ""]
+    lines = [f"# {title}", "",
+             f"Averages over the degraded task vectors (the clean point apart); FLOPs of {workload} "
+             "(2 per MAC, convolutions only; TASNet's shared prefix once).", ""]
     if any(labels[name] != name for name in names):
         lines += ["Models: " + "; ".join(f"**{name}** = {labels[name]}" for name in names) + ".", ""]
-    lines += ["| model | PSNR (dB) | SSIM | GFLOPs (27 tasks, HD) | FLOPs vs " + names[0] + " |", "|---|---|---|---|---|"]
+    tasks = len(results[names[0]].labels)
+    lines += [f"| model | PSNR (dB) | SSIM | GFLOPs ({tasks} tasks, {short}) | FLOPs vs " + names[0] + " |",
+              "|---|---|---|---|---|"]
     base = flops[names[0]]["total"]
     for name in names:
         m = averages[name]
@@ -126,7 +134,7 @@ def comparison_table(averages: dict[str, dict[str, float]], results: dict[str, P
     for name in names:
         header += [f"{name} PSNR", f"{name} SSIM", f"{name} GFLOPs"]
     header += [f"PSNR {last} - {name}" for name in others]
-    lines += ["", "Per task (GFLOPs: that task alone, prefix included, at 1280x720):", "",
+    lines += ["", f"Per task (GFLOPs: that task alone, prefix included, at {size}):", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     flops_by_label = {name: dict(zip(flops[name]["labels"], flops[name]["first_pass"])) for name in names}
     for label in task_labels:

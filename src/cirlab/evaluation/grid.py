@@ -148,6 +148,8 @@ def run_grid(cfg: DictConfig, restorers, out_dir: Path):
                                   "psnr_all_points": averages["test/psnr_all_points"]}
         flops[restorer.name] = int(restorer.flops(tasks, height, width))
     grid_name = grid if isinstance(grid, str) else f"custom grid of {len(tasks)}"
+    if len(restorers) > 1:  # the per-task view: each model's PSNR, SSIM and FLOPs at every grid point
+        files.append(write_per_task_comparison(restorers, results, tasks, grid_name, (height, width), Path(out_dir)))
     return ProtocolResult(
         protocol="grid", metrics=["psnr", "ssim"], quality=quality, flops=flops,
         workload={"tasks": len(tasks), "height": height, "width": width,
@@ -165,3 +167,27 @@ def model_folder(name: str) -> str:
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
     return slug or "model"
+
+
+def write_per_task_comparison(restorers, results: dict[str, PerTaskResult], tasks, grid_name: str,
+                              resolution: tuple[int, int], out_dir: Path) -> Path:
+    """``comparison_per_task.md``: :func:`cirlab.reports.comparison_table` of the models (the
+    last one's PSNR against each other's per task; FLOPs per task alone and of the workload)."""
+    from cirlab.reports import comparison_table
+    from cirlab.utils.run import write_text_atomically
+
+    height, width = resolution
+    labels = results[restorers[0].name].labels
+    flops = {r.name: {"labels": labels, "total": int(r.flops(tasks, height, width)),
+                      "first_pass": [int(r.flops(tasks[i : i + 1], height, width)) for i in range(len(tasks))]}
+             for r in restorers}
+    averages = {r.name: grid_averages(results[r.name]) for r in restorers}
+    kinds = {r.name: r.kind for r in restorers}
+    table = comparison_table(averages, {r.name: results[r.name] for r in restorers}, flops, kinds,
+                             title=f"{', '.join(kinds)} on the same test grid",
+                             workload=f"{grid_name} ({len(tasks)} task vectors) on one {width}x{height} image "
+                                      "(HyperRes: generating its kernels included)",
+                             resolution=resolution)
+    path = Path(out_dir) / "comparison_per_task.md"
+    write_text_atomically(path, table)
+    return path
