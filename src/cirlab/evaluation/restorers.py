@@ -59,12 +59,18 @@ SCALAR_TASK_COMPONENT: dict[str, int | None] = {"denoise": 1, "dejpeg": 2, "sr":
 class Restorer(Protocol):
     """What every evaluation protocol needs from a model; see the module docstring."""
 
-    name: str
-    kind: str
+    name: str  # label in tables and plots
+    kind: str  # what the checkpoint holds (module docstring)
+    device: torch.device  # where restore() expects the image and returns the outputs
 
     def restore(self, image: Tensor, tasks: Tensor) -> Tensor: ...
 
     def flops(self, tasks: Tensor, height: int, width: int) -> int: ...
+
+    def check_tasks(self, tasks: Tensor) -> Tensor:
+        """``tasks`` as (T, 3), or a ``ValueError`` naming the model if it cannot restore them;
+        protocols call it for all their task vectors before any image is read."""
+        ...
 
 
 def _check_image(image: Tensor, name: str) -> None:
