@@ -151,6 +151,8 @@ def write_comparison(result: ProtocolResult, out_dir: Path) -> list[Path]:
     metric = result.metrics[0]
     points = {name: (result.per_inference(name), float(result.quality[name][metric])) for name in result.models}
     label = {"psnr": "PSNR (dB)", "ssim": "SSIM"}.get(metric, metric)
+    if not result.higher_is_better.get(metric, True):
+        label += " (lower is better)"
     plot_quality_flops(points, paths[3], ylabel=label, title=f"{result.protocol}: {result.workload['text']}")
     return paths
 
