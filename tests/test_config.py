@@ -94,3 +94,64 @@ def test_out_of_range_values_fail_before_anything_is_built(override, key):
     cfg = compose("train", [override])
     with pytest.raises(ValueError, match=key):
         validate_config(cfg)
+
+
+# ------------------------------------------------ values that pass the types but mean something else (issue 15.4)
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["data.val_max_images=-1"], "data.val_max_images=-1"),  # was a slice: 1 of 2 images
+        (["data.val_max_images=0"], "data.val_max_images=0"),  # was: ran and scored nothing
+        (["data.test_max_images=0"], "data.test_max_images=0"),
+        (["data.val_crop=-10"], "data.val_crop=-10"),  # was: failed deep in generation
+        (["data.test_crop=0"], "data.test_crop=0"),
+        (["data=hyperres_denoise", "model=hyperres_tiny", "data.val_max_images=-1"], "data.val_max_images=-1"),
+        (["model.optimizer.lr=-0.001"], "model.optimizer.lr=-0.001"),  # was: torch's error without the key
+        (["model.optimizer.lr=0"], "model.optimizer.lr=0"),  # would never train
+        (["model=tasnet_search_tiny", "model.controller_lr=-1"], "model.controller_lr=-1"),
+        (["+model.optimizer.weight_decay=-0.1"], "model.optimizer.weight_decay=-0.1"),
+        (["model.optimizer.betas=[0.9,1.5]"], "model.optimizer.betas"),
+        (["model=cresmd", "model.scheduler.gamma=-0.5"], "model.scheduler.gamma=-0.5"),
+        (["model=cresmd", "model.scheduler.milestones=[400,200]"], "model.scheduler.milestones"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0"),  # was: ran, wrote results, only warnings
+        (["trainer.max_steps=-5"], "trainer.max_steps=-5"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
+        (["trainer.max_steps=-1"], "trainer.max_steps=-1 with trainer.max_epochs=-1"),  # forever
+        (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0"),
+        (["seed=-3"], "seed=-3"),
+        (["callbacks.last_checkpoint.every_n_train_steps=0"], "callbacks.last_checkpoint.every_n_train_steps=0"),
+        (["callbacks.task_grid_picture.crop=0"], "callbacks.task_grid_picture.crop=0"),
+        (["callbacks.task_grid_picture.fractions=[0.5,2.0]"], "callbacks.task_grid_picture.fractions"),
+        (["callbacks.task_grid_picture.input_levels=[9,30,30]"], "callbacks.task_grid_picture.input_levels"),
+    ],
+)
+def test_values_that_would_mean_something_else_fail_naming_their_key(overrides, key):
+    cfg = compose("train", overrides)
+    with pytest.raises(ValueError) as info:
+        validate_config(cfg)
+    assert key in str(info.value)
+
+
+def test_the_eval_config_checks_its_data_values_but_not_training_steps():
+    cfg = compose("eval", ["ckpt_path=x.ckpt", "data.test_max_images=-1"])
+    with pytest.raises(ValueError, match=r"data\.test_max_images=-1"):
+        validate_config(cfg)
+    validate_config(compose("train", ["train=false", "trainer.max_steps=0"]))  # nothing is trained
+
+
+def test_a_bad_value_stops_a_training_job_before_anything_is_written(train_cfg):
+    from cirlab.training import train
+
+    cfg = train_cfg("data.val_max_images=-1")
+    with pytest.raises(ValueError, match=r"data\.val_max_images=-1"):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists() or not any(Path(cfg.paths.output_dir).iterdir())
+
+
+def test_an_eval_set_spec_names_the_config_key_of_a_bad_count_or_crop():
+    from cirlab.data.evalsets import EvalSetSpec
+
+    with pytest.raises(ValueError, match=r"data\.test_max_images=-1"):
+        EvalSetSpec(folder="x", max_images=-1, config_key="data.test_dir")
+    with pytest.raises(ValueError, match=r"data\.val_crop=-10"):
+        EvalSetSpec(folder="x", crop=-10)

@@ -295,3 +295,20 @@ def test_the_paper_experiments_and_the_benchmark_build_the_same_naive_variants()
     models, notes = build_models(nf=64, nb=32)
     assert [models[f"CResMD-{label}%shared"].shared_maps for label in (31, 62, 99)] == [24, 48, 67]
     assert any("24, 48, 67 of 67 maps" in note for note in notes)
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--height", "0"], "--height=0"),
+    (["--width", "-5"], "--width=-5"),
+    (["--grid", "nope"], "--grid='nope'"),
+    (["OUT_IS_A_FILE"], "is an existing file"),
+])
+def test_bad_derive_options_are_named_before_the_checkpoint_is_read(tmp_path, capsys, args, flag):
+    fake_search_checkpoint(search_state(2, seed=2), tmp_path / "search.ckpt")
+    out = tmp_path / "out"
+    if args == ["OUT_IS_A_FILE"]:
+        args = []
+        out.write_text("keep")
+    assert main(["--ckpt", str(tmp_path / "search.ckpt"), "--out", str(out), "--no-figure", *args]) == 2
+    assert flag in capsys.readouterr().err
+    assert not out.exists() or out.read_text() == "keep"

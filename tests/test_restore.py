@@ -235,3 +235,42 @@ def test_an_hwc_image_runs_channels_last(kind):
     hook.remove()
     assert layouts == [True] * len(layouts) and layouts
     assert torch.allclose(out, restore(net, image.contiguous(), TASKS[:2], channels_last=False), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--tasks", "nan,0,0"], "--tasks 'nan,0,0'"),  # passed [0, 1] checks: an all-black image, then a crash
+    (["--tasks", "0,inf,0"], "--tasks '0,inf,0'"),
+    (["--grid", "single", "--max-batch", "-1"], "--max-batch=-1"),
+    (["--grid", "single", "--max-batch", "0"], "--max-batch=0"),
+    (["--grid", "single", "--thumb", "0"], "--thumb=0"),
+    (["--grid", "single", "--tile", "0"], "--tile=0"),
+    (["--grid", "single", "--overlap", "-2"], "--overlap=-2"),
+    (["--grid", "single", "--device", "gpu7"], "--device='gpu7'"),
+    (["--grid", "single", "OUT_IS_A_FILE"], "is an existing file"),  # was: failed after all the restoring
+])
+def test_bad_options_are_named_before_anything_is_restored(tmp_path, capsys, monkeypatch, args, flag):
+    import cirlab.cli.restore as cli
+
+    ckpt = tasnet(3, seed=3).save(tmp_path / "tasnet.ckpt")
+    Image.fromarray((torch.rand(16, 16, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    if "OUT_IS_A_FILE" in args:
+        args = [a for a in args if a != "OUT_IS_A_FILE"]
+        out.write_text("a file the user keeps")
+
+    def no_restore(*a, **k):
+        raise AssertionError("restore() ran before the options were checked")
+
+    monkeypatch.setattr(cli, "restore", no_restore)
+    assert cli.main(["--ckpt", str(ckpt), "--image", str(tmp_path / "in.png"), "--out", str(out), *args]) == 2
+    assert flag in capsys.readouterr().err
+    assert (not out.exists()) or out.read_text() == "a file the user keeps"
+
+
+def test_restore_checks_its_task_vectors_and_batch_size():
+    net = tasnet(3, seed=3)
+    image = torch.rand(3, 8, 8)
+    with pytest.raises(ValueError, match="outside"):
+        restore(net, image, torch.tensor([[float("nan"), 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="max_batch=0"):
+        restore(net, image, TASKS, max_batch=0)

@@ -116,12 +116,46 @@ def check_values(cfg: DictConfig) -> None:
             raise _bad("trainer.max_epochs", epochs, "must be an integer >= 1, or -1 / null for no epoch limit")
         if steps == -1 and epochs == -1 and not get("trainer.max_time") and not get("trainer.fast_dev_run"):
             raise ValueError("trainer.max_steps=-1 with trainer.max_epochs=-1 would train forever: set one of them")
+        for key in ("trainer.check_val_every_n_epoch", "trainer.log_every_n_steps"):
+            value = get(key)
+            if value is not None and not (_is_int(value) and value >= 1):
+                raise _bad(key, value, "must be an integer >= 1")
+    gamma = get("model.scheduler.gamma")
+    if gamma is not None and not (_is_number(gamma) and gamma > 0):
+        raise _bad("model.scheduler.gamma", gamma, "the learning-rate factor must be a number > 0 (a negative one "
+                                                   "would make the learning rate negative at the first milestone)")
+    milestones = plain("model.scheduler.milestones")
+    if milestones is not None and not (isinstance(milestones, list) and all(_is_int(m) and m >= 1 for m in milestones)
+                                       and milestones == sorted(milestones)):
+        raise _bad("model.scheduler.milestones", milestones, "must be increasing step counts >= 1")
     every = get("callbacks.last_checkpoint.every_n_train_steps")
     if every is not None and not (_is_int(every) and every >= 1):
         raise _bad("callbacks.last_checkpoint.every_n_train_steps", every, "must be an integer >= 1, or null")
-    crop = get("callbacks.task_grid_picture.crop")
+    _check_task_grid_picture(plain("callbacks.task_grid_picture"))
+
+
+def _check_task_grid_picture(node: Any) -> None:
+    """The picture callback's crop, input levels (within the trained ranges) and fractions of
+    them (in [0, 1]: beyond it the task vectors leave the space the network was trained on)."""
+    if not isinstance(node, dict) or not str(node.get("_target_", "")).endswith("TaskGridPicture"):
+        return
+    key = "callbacks.task_grid_picture"
+    crop = node.get("crop")
     if crop is not None and not (_is_int(crop) and crop >= 1):
-        raise _bad("callbacks.task_grid_picture.crop", crop, "must be an integer >= 1 (pixels)")
+        raise _bad(f"{key}.crop", crop, "must be an integer >= 1 (pixels)")
+    fractions = node.get("fractions")
+    if fractions is not None and not (isinstance(fractions, list) and fractions
+                                      and all(_is_number(f) and 0 <= f <= 1 for f in fractions)):
+        raise _bad(f"{key}.fractions", fractions, "must be numbers in [0, 1] (fractions of the input level removed)")
+    levels = node.get("input_levels")
+    if levels is not None:
+        import torch
+
+        from cirlab.tasks import validate_physical
+
+        if not (isinstance(levels, list) and len(levels) == 3 and all(_is_number(v) for v in levels)):
+            raise _bad(f"{key}.input_levels", levels, "must be three numbers [r, sigma, q]")
+        validate_physical(torch.tensor([levels], dtype=torch.float64), name=f"{key}.input_levels")
 
 
 def validate_config(cfg: DictConfig) -> None:
