@@ -20,9 +20,10 @@ def save_figure_atomically(figure, path: Path) -> None:
         figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
-def publish_figure(trainer, figure, dirpath: Path, name: str, key: str, latest: str = "latest") -> Path:
+def publish_figure(trainer, figure, dirpath: Path, name: str, key: str, latest: str = "latest",
+                   caption: str | None = None) -> Path:
     """Save ``figure`` as ``dirpath/<name>.png`` and ``dirpath/<latest>.png``, close it, and send
-    it to every logger that takes images (W&B) under ``key``."""
+    it to every logger that takes images (W&B: a ``wandb.Image`` with ``caption``) under ``key``."""
     import matplotlib.pyplot as plt
 
     path = Path(dirpath) / f"{name}.png"
@@ -31,7 +32,8 @@ def publish_figure(trainer, figure, dirpath: Path, name: str, key: str, latest: 
     plt.close(figure)
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
-            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+            extra = {"caption": [caption]} if caption else {}
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step, **extra)
     return path
 
 

@@ -21,6 +21,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from cirlab.config import validate_config
+from cirlab.utils.console import route_library_logs
 from cirlab.utils.run import (
     claim_run_dir,
     instantiate_callbacks,
@@ -64,6 +65,7 @@ def run_training(cfg: DictConfig) -> TrainingRun:
 def _run_training(cfg: DictConfig) -> TrainingRun:
     # a damaged or foreign resume checkpoint fails here, before anything is built
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg) if cfg.get("train", True) else None
+    route_library_logs()  # Lightning's lines once, through the job's handlers (cirlab.utils.console)
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("data: %s", cfg.data._target_)

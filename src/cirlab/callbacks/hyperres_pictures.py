@@ -63,5 +63,8 @@ class LevelPicture(L.Callback):
         if clean is None:
             return
         figure = self.render(pl_module, datamodule, clean, f"step {trainer.global_step}")
+        levels = self.levels or datamodule.val_levels
+        caption = (f"step {trainer.global_step}, {datamodule.task}: top the held-out crop degraded at "
+                   f"{', '.join(datamodule.label(level) for level in levels)}; bottom restored at the same level")
         self.last_path = publish_figure(trainer, figure, self.dirpath, f"step{trainer.global_step:07d}",
-                                        key="val/level_picture")
+                                        key="val/level_picture", caption=caption)

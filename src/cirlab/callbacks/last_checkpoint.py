@@ -36,7 +36,9 @@ class LastCheckpoint(L.Callback):
         temporary = path.with_name(f".{path.name}.tmp")
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(temporary)  # collective under DDP: every rank calls it, rank 0 writes
+        # weights_only=False: the full resumable state (optimiser, loops); saying so also keeps Lightning
+        # from logging "`weights_only` was not set" at every save
+        trainer.save_checkpoint(temporary, weights_only=False)  # collective under DDP: every rank calls it, rank 0 writes
         if trainer.is_global_zero:
             temporary.replace(path)
         trainer.strategy.barrier("LastCheckpoint")

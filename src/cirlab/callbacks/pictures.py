@@ -84,13 +84,21 @@ class TaskGridPicture(L.Callback):
         figure.suptitle(f"{title}: input r={r:g}, sigma={sigma:g}, q={'none' if q == 0 else int(q)}", fontsize=10)
         return figure
 
+    def caption(self, step: int) -> str:
+        """What the picture shows, for W&B: the input's levels, the rows and the columns."""
+        r, sigma, q = self.input_levels
+        return (f"step {step}: held-out image degraded at r={r:g}, sigma={sigma:g}, q={'none' if q == 0 else int(q)}; "
+                f"rows restore all/blur/noise/JPEG, columns: input then t = f x input level, "
+                f"f = {', '.join(f'{f:g}' for f in self.fractions)}")
+
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
         datamodule = getattr(trainer, "datamodule", None)
         clean = datamodule.example_inputs(1) if datamodule is not None and hasattr(datamodule, "example_inputs") else None
         if clean is None:
             return None
         figure = self.render(pl_module, clean, f"step {trainer.global_step}")
-        self.last_path = publish_figure(trainer, figure, self.dirpath, name, key="val/task_grid")
+        self.last_path = publish_figure(trainer, figure, self.dirpath, name, key="val/task_grid",
+                                        caption=self.caption(trainer.global_step))
         return self.last_path
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

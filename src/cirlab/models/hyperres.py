@@ -86,6 +86,10 @@ class HyperRes(RestorationModule):
         (B,) or (B, 1). Not clamped."""
         return self.net(image, level)
 
+    def example_condition(self) -> torch.Tensor:
+        """A scalar level for the model summary's example forward (c = 25 / level_scale)."""
+        return torch.full((1,), 25.0 / self.hparams.level_scale)
+
     def restore(self, image: torch.Tensor, level: float) -> torch.Tensor:
         """Restore at a physical level (e.g. sigma 25): c = level / level_scale."""
         return self.net(image, float(level) / self.hparams.level_scale)

@@ -7,9 +7,10 @@ and the evaluation protocol:
 * validation: per-image PSNR/SSIM (torchmetrics convention, outputs clamped to [0, 1]) per grid
   point; ``val/psnr`` and ``val/ssim`` average the restoration tasks (points with some degradation);
 * test: the paper convention (uint8 rounding, RGB) per grid point: ``test/psnr``, ``test/ssim``
-  (restoration tasks), ``test/psnr_all_points``, optionally ``test/niqe``, ``test/brisque``, and
-  ``test_grid/<metric>/<label>`` per point for the loggers; :meth:`per_task_result` gives the same
-  numbers structured, for the tables of :mod:`cirlab.reports`.
+  (restoration tasks), ``test/psnr_all_points``, optionally ``test/niqe``, ``test/brisque``;
+  ``test_grid/<metric>/<label>`` per point in the trainer's ``callback_metrics`` only, and one
+  ``wandb.Table`` ``test/per_task`` for W&B; :meth:`per_task_result` gives the same numbers
+  structured, for the tables of :mod:`cirlab.reports`.
 
 ``net``, ``optimizer`` and ``scheduler`` are plain dicts in Hydra's form (``_target_``;
 ``_partial_`` for the optimiser and scheduler; the model configs set ``_convert_: all``), kept as
@@ -78,6 +79,19 @@ class RestorationModule(L.LightningModule):
     def forward(self, image: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """image (B, 3, H, W) in [0, 1], task (B, 3) in [0, 1] -> (B, 3, H, W), not clamped."""
         return self.net(image, task)
+
+    #: side of the example image of Lightning's model summary (its FLOPs column counts one
+    #: forward of this size in eval mode; "In sizes" shows it)
+    SUMMARY_SIZE = 64
+
+    def example_condition(self) -> Any:
+        """The second argument of :meth:`forward` for the summary's example: one mid-range task vector."""
+        return torch.full((1, 3), 0.5)
+
+    @property
+    def example_input_array(self) -> tuple:
+        """What Lightning's model summary runs (eval mode, no grad) to fill its FLOPs and size columns."""
+        return torch.zeros(1, 3, self.SUMMARY_SIZE, self.SUMMARY_SIZE), self.example_condition()
 
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.net.parameters())
@@ -188,9 +202,11 @@ class RestorationModule(L.LightningModule):
         averages = {"test/psnr": psnr[tasks].nanmean().float(), "test/ssim": ssim[tasks].nanmean().float(),
                     "test/psnr_all_points": psnr.nanmean().float()}
         labels = getattr(self, "grid_labels", None) or [f"point{i}" for i in range(len(self._last_test_table["psnr"]))]
+        # per point: in callback_metrics (metrics.json), not as G x k logger scalars; loggers get
+        # one table (W&B: wandb.Table `test/per_task`; CSV/others: test_per_task.csv is written below)
         for name, values in self._last_test_table.items():
             for label, value in zip(labels, values.tolist()):
-                self.log(f"test_grid/{name}/{label}", float(value), sync_dist=True)
+                self.log(f"test_grid/{name}/{label}", float(value), sync_dist=True, logger=False)
         if self.test_iqa:
             averages["test/niqe"] = self.test_niqe.compute().float()
             averages["test/brisque"] = self.test_brisque.compute().float()
@@ -203,6 +219,9 @@ class RestorationModule(L.LightningModule):
         self.test_ssim.reset()
         if self._trainer is not None and self.trainer.is_global_zero:
             self.write_test_tables({k: float(v) for k, v in averages.items()})
+            from cirlab.utils.wandb import log_per_task_table
+
+            log_per_task_table(self.trainer, self.per_task_result())
 
     def write_test_tables(self, averages: dict[str, float]) -> list:
         """``test_per_task.md/.csv/.json`` and ``test_average.md`` in the trainer's root directory (the

@@ -36,7 +36,7 @@ from cirlab.sweeps.spec import StudySpec
 from cirlab.sweeps.storage import STUDY_POINTER, masked_url, open_storage
 from cirlab.sweeps.summary import summarize_study
 from cirlab.utils.run import attach_log_file, detach_log_file, write_job_files, write_json_atomically
-from cirlab.utils.wandb import finish_wandb
+from cirlab.utils.wandb import finish_wandb, publish_sweep_summary
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,8 @@ def run_sweep(overrides: Sequence[str]) -> SweepResult:
     spec = StudySpec.from_config(cfg)
     _check_overrides(spec, overrides, cfg)
     # a typo in an override fails now, not in every trial
-    validate_config(compose_job("train", _train_overrides(overrides), run_dir=spec.sweep_dir))
+    train_cfg = compose_job("train", _train_overrides(overrides), run_dir=spec.sweep_dir)
+    validate_config(train_cfg)
 
     storage = open_storage(spec.storage)
     study = optuna.create_study(study_name=spec.study_name, storage=storage, load_if_exists=True,
@@ -213,6 +214,10 @@ def run_sweep(overrides: Sequence[str]) -> SweepResult:
     finally:
         summary = summarize_study(study, spec.sweep_dir, source=spec.storage)
         print(f"sweep summary: {summary}")
+        try:  # the table and pareto.png into the trials' W&B group (the study name), when they log to W&B
+            publish_sweep_summary(train_cfg.get("logger"), spec.sweep_dir, group=spec.study_name)
+        except Exception as error:  # noqa: BLE001  (W&B trouble must not hide the summary written above)
+            log.error("could not send the sweep summary to W&B: %s", error)
     if done < spec.n_trials:
         log.error("stopped after %d failed trials in a row (optuna.max_consecutive_failures); "
                   "see fail_reason in %s", failures, summary)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from cirlab.sweeps.spec import normalize_direction
 from cirlab.sweeps.summary import write_summary
+from cirlab.utils.wandb import publish_sweep_summary
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +39,7 @@ class MultirunSummary(HydraCallback):
             log.error("could not summarize the multirun in %s: %s", folder, error)
             return
         print(f"sweep summary ({len(rows)} jobs): {out_dir / 'summary.md'}")
+        try:  # the table and pareto.png into the jobs' W&B group, when they logged to W&B
+            publish_sweep_summary(config.get("logger"), out_dir)
+        except Exception as error:  # noqa: BLE001  (W&B trouble must not hide the summary written above)
+            log.error("could not send the multirun summary to W&B: %s", error)
