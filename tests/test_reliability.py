@@ -51,8 +51,8 @@ main()
 """
 
 JOB = [o for o in TINY if not o.startswith(("data.batches_per_epoch", "trainer.max_steps"))] + [
-    "data.batches_per_epoch=2", "trainer.max_steps=2", "data.val_max_images=1", "data.test_max_images=1",
-    "test=false"]
+    "data.batches_per_epoch=2", "trainer.max_steps=2", "data.val_max_images=1", "data.val_grid=single",
+    "test=false", "callbacks.task_grid_picture=null", "logger=none"]
 
 
 def start_job(root: Path, cache: Path, *overrides: str, start: float, now: str = "2026-01-02T03:04:05") -> subprocess.Popen:
@@ -256,6 +256,22 @@ def test_a_file_changed_in_place_with_its_old_size_and_mtime_is_not_served_from_
     assert image.stat().st_size == stamp.st_size
     changed = build_eval_set(spec, tmp_path / "cache", progress=False)
     assert torch.equal(changed["clean"][0], build_eval_set(spec, None, progress=False)["clean"][0])
+
+
+def test_the_decoded_image_store_is_rebuilt_for_a_file_rewritten_with_its_old_size_and_mtime(tmp_path):
+    from cirlab.data.image_cache import DecodedImageCache
+    from cirlab.data.image_files import load_image
+
+    image = tmp_path / "train" / "a.png"
+    write_uncompressed(image, 1)
+    stamp = image.stat()
+    first = DecodedImageCache.from_paths([image], store_dir=tmp_path / "store")[0].clone()
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    write_uncompressed(image, 2)  # in place: same inode, same size
+    os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # as cp -p or rsync -t leave it
+    second = DecodedImageCache.from_paths([image], store_dir=tmp_path / "store")[0]
+    assert torch.equal(second, load_image(image)) and not torch.equal(second, first)
+    assert len(list((tmp_path / "store").glob("decoded-*.u8"))) == 2
 
 
 def test_a_damaged_cache_file_is_named_with_what_to_delete(tmp_path):

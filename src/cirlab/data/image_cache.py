@@ -12,9 +12,10 @@ Two ways to hold the buffer:
   temporary name and renamed into place), and every process, the builder included, memory-maps
   that file. The pages are the operating system's page cache of the file, one copy per node
   however many DDP ranks and workers map it; a later run on the same images maps it without
-  decoding. ``<key>`` is :func:`decoded_cache_key` (the resolved paths, sizes and modification
-  times of the files, and the decode mode). The mapping is private (copy-on-write): a write
-  into a view would copy that page for the writer only, never change the file.
+  decoding. ``<key>`` is :func:`decoded_cache_key` (the resolved paths, sizes, inodes,
+  modification and status-change times of the files, and the decode mode). The mapping is
+  private (copy-on-write): a write into a view would copy that page for the writer only, never
+  change the file.
 """
 
 from __future__ import annotations
@@ -63,11 +64,18 @@ def _check_shm_space(nbytes: int) -> None:
 
 def decoded_cache_key(paths: Sequence[Path], mode: str) -> str:
     """Name of the stored buffer of ``paths`` decoded with ``mode``: a hash of the layout version,
-    the mode and, per file in order, its resolved path, byte size and modification time (ns)."""
+    the mode and, per file in order, its resolved path, byte size, inode, and modification and
+    status-change times (ns).
+
+    [why] Hashing the bytes of a training set (GBs) at every start would cost what the cache
+    saves. The status-change time stands in for the content: every write, and every ``utime``
+    that puts an old mtime back (``cp -p``, ``rsync -t``, ``touch -d``), sets it to now, and no
+    user tool can set it back; a file replaced by another (rename) has a new inode. Both at worst
+    rebuild a cache that was still valid (after ``chmod``, say)."""
     entries = []
     for path in paths:
         stat = os.stat(path)
-        entries.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+        entries.append([str(Path(path).resolve()), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns])
     text = json.dumps({"format": STORE_FORMAT, "mode": str(mode), "files": entries})
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
