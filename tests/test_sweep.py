@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from cirlab.cli.sweep import main
 from cirlab.sweeps import driver
 from cirlab.sweeps.driver import run_sweep
 from cirlab.sweeps.spec import format_override_value
+from cirlab.sweeps.storage import Liveness, ask_live, heartbeat_running, load_study, open_storage
 from cirlab.sweeps.summary import pareto_front, parse_objectives, summarize, write_summary
 from conftest import TINY
 
@@ -77,6 +79,23 @@ class FakeTrain:
         if callable(step):
             metrics = step(cfg, metrics)
         return metrics
+
+
+# heartbeat settings that make a stopped driver's trial stale within seconds
+FAST_HEARTBEAT = ["optuna.heartbeat_interval=1", "optuna.grace_period=2"]
+
+
+def _dead_driver_trial(storage_url: str, name: str, nf: int) -> int:
+    """What a driver that died mid-trial leaves: a RUNNING trial (model.net.nf = nf) whose last
+    heartbeat is 3 s old."""
+    study = optuna.load_study(study_name=name, storage=open_storage(storage_url, Liveness(1, 2)))
+    study.enqueue_trial({"model.net.nf": nf})
+    trial = ask_live(study)
+    assert trial.suggest_categorical("model.net.nf", [4, 8]) == nf
+    with heartbeat_running(study, trial):
+        pass  # one heartbeat, then the driver "dies"
+    time.sleep(3)
+    return trial.number
 
 
 # --------------------------------------------------------------------------- Pareto front
@@ -194,6 +213,8 @@ def test_single_objective_study_prunes_with_median_pruner(study_args, tmp_path, 
     ({"params": {"model.optimizer.lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}, None, "log=true"),
     ({}, "model.net.nf=8", "model.net.nf: swept"),
     ({"objectives": {"val/psnr": "up"}}, None, "direction 'up'"),
+    ({"fail_running_on_start": False}, None, "heartbeat"),
+    ({"grace_period": 1}, None, "grace_period=1 must be longer"),
 ])
 def test_bad_study_fails_before_any_trial(study_args, tmp_path, monkeypatch, extra, override, message):
     fake = FakeTrain()
@@ -214,6 +235,128 @@ def test_changed_objectives_are_refused_on_resume(study_args, tmp_path, monkeypa
     run_sweep(study_args("fixed", n_trials=1))
     with pytest.raises(ValueError, match="another optuna.study_name"):
         run_sweep(study_args("fixed", n_trials=2, objectives={"model/params_total": "minimize", "val/psnr": "maximize"}))
+
+
+# --------------------------------------------------------------------------- several drivers, heartbeats, journal
+STORAGES = ["sqlite", "journal"]
+
+
+def _storage_url(kind: str, tmp_path: Path, name: str) -> str:
+    folder = tmp_path / "logs" / "sweeps"
+    return f"journal:{folder / f'{name}.journal'}" if kind == "journal" else f"sqlite:///{folder / f'{name}.db'}"
+
+
+def _storage_args(kind: str, tmp_path: Path, name: str) -> list[str]:
+    return [f"optuna.storage={_storage_url(kind, tmp_path, name)}"] if kind == "journal" else []
+
+
+@pytest.mark.parametrize("kind", STORAGES)
+def test_stale_trial_of_a_dead_driver_fails_and_runs_again(kind, study_args, tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "train_job", FakeTrain())
+    args = [*study_args("stale", n_trials=1), *_storage_args(kind, tmp_path, "stale"), *FAST_HEARTBEAT]
+    assert run_sweep(args).complete
+    url = _storage_url(kind, tmp_path, "stale")
+    stale = _dead_driver_trial(url, "stale", nf=8)
+    assert run_sweep([*args, "optuna.n_trials=2"]).complete
+    trials = load_study(url, "stale").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert "no heartbeat for more than 2 s" in trials[stale].user_attrs["fail_reason"]
+    retry = trials[2]  # the same parameters, run again; it does not inherit the failure
+    assert retry.params == {"model.net.nf": 8} and retry.system_attrs["failed_trial"] == stale
+    assert "fail_reason" not in retry.user_attrs
+    rows = summarize(tmp_path / "logs" / "sweeps" / "stale")
+    assert [r["state"] for r in rows] == ["COMPLETE", "FAIL", "COMPLETE"] and "heartbeat" in rows[1]["note"]
+    if kind == "journal":  # the journal file itself can be summarized
+        rows, out = write_summary(tmp_path / "logs" / "sweeps" / "stale.journal")
+        assert len(rows) == 3 and out == tmp_path / "logs" / "sweeps" / "stale"
+
+
+@pytest.mark.parametrize("kind", STORAGES)
+def test_a_live_trial_of_another_driver_is_left_alone(kind, study_args, tmp_path, monkeypatch):
+    """Another driver's trial runs for longer than grace_period while this driver starts two
+    trials: its heartbeat keeps it RUNNING, and it completes when that driver says so."""
+
+    def slow(cfg, metrics):
+        time.sleep(2.5)  # > grace_period: without heartbeats the other trial would look stale
+        return metrics
+
+    monkeypatch.setattr(driver, "train_job", FakeTrain([slow, slow]))
+    url = _storage_url(kind, tmp_path, "shared")
+    args = [*study_args("shared", n_trials=2), *_storage_args(kind, tmp_path, "shared"), *FAST_HEARTBEAT]
+    other = optuna.create_study(study_name="shared", storage=open_storage(url, Liveness(1, 2)),
+                                directions=["maximize", "minimize"])
+    trial = ask_live(other)
+    trial.suggest_categorical("model.net.nf", [4, 8])
+    with heartbeat_running(other, trial):
+        result = run_sweep(args)
+        assert load_study(url, "shared").trials[trial.number].state == TrialState.RUNNING
+    other.tell(trial, [30.0, 400.0])
+    trials = load_study(url, "shared").trials
+    assert result.complete and [t.state for t in trials] == [TrialState.COMPLETE] * 3
+
+
+def test_journal_storage_url_needs_a_path_and_an_existing_file_to_summarize(tmp_path):
+    with pytest.raises(ValueError, match="journal:<path"):
+        open_storage("journal:")
+    with pytest.raises(FileNotFoundError, match="nowhere.journal"):
+        load_study(f"journal:{tmp_path / 'nowhere.journal'}", None)
+    assert not (tmp_path / "nowhere.journal").exists()
+
+
+DRIVER_PROCESS = """
+import sys, time
+from cirlab.cli.sweep import main
+from cirlab.sweeps import driver
+
+def train_for_3_s(cfg):  # a trial longer than grace_period (2 s)
+    time.sleep(3)
+    nf = cfg.model.net.nf
+    return {"val/psnr": 20.0 + nf, "model/params_total": 100.0 * nf}
+
+driver.train_job = train_for_3_s
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", STORAGES)
+def test_two_drivers_at_once_on_one_study(kind, study_args, tmp_path):
+    """Two cirlab-sweep processes share one study (a cluster array job): both finish, the study
+    holds its trials, none failed, and trials of the two drivers ran at the same time."""
+    args = [*study_args("pair", n_trials=4), *_storage_args(kind, tmp_path, "pair"), *FAST_HEARTBEAT]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    drivers = [subprocess.Popen([sys.executable, "-c", DRIVER_PROCESS, *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL) for _ in range(2)]
+    outputs = [d.communicate(timeout=600) for d in drivers]
+    for d, (_, err) in zip(drivers, outputs):
+        assert d.returncode == 0, err[-3000:]
+    trials = load_study(_storage_url(kind, tmp_path, "pair"), "pair").trials
+    assert 4 <= len(trials) <= 5  # the second driver may finish one trial past n_trials
+    assert all(t.state == TrialState.COMPLETE for t in trials), [(t.number, t.state, t.user_attrs) for t in trials]
+    assert len({t.user_attrs["run_dir"] for t in trials}) == len(trials)
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))  # two trials ran at once
+    logs = [err for _, err in outputs]
+    assert all("trial" in err and "complete" in err for err in logs)  # each driver finished trials of its own
+
+
+def test_cirlab_train_refuses_an_optuna_study_and_points_at_cirlab_sweep(tmp_path, shared_cache):
+    from cirlab.training import train
+    from conftest import compose
+
+    cfg = compose("train", [f"paths.root_dir={tmp_path}", f"paths.cache_dir={shared_cache}",
+                            "hparams_search=cresmd_optuna"])
+    with pytest.raises(ValueError, match=r"cirlab-sweep hparams_search=") as error:
+        train(cfg)
+    assert "optuna.study_name=cresmd_optuna" in str(error.value)
+    # the real command line, as a multirun: it stops with that message, and no job trained
+    command = [sys.executable, "-m", "cirlab.cli.train", "-m", "hparams_search=tasnet_optuna",
+               f"paths.root_dir={tmp_path}", f"paths.cache_dir={shared_cache}", "logger=csv"]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert done.returncode != 0
+    assert "run the study with `cirlab-sweep hparams_search=" in done.stderr + done.stdout
+    assert not list(tmp_path.glob("logs/**/*.ckpt")) and not list(tmp_path.glob("logs/**/metrics.json"))
 
 
 # --------------------------------------------------------------------------- real training
@@ -239,14 +382,15 @@ def test_two_objective_sweep_of_tiny_cresmd_persists_and_resumes(study_args, tmp
     if len(by_nf) == 2:
         assert by_nf[4] < by_nf[8]
 
-    # a process died in the middle of a trial: that trial is still RUNNING in the database
-    stale = study.ask()
-    assert study.trials[stale.number].state == TrialState.RUNNING
-    # the same command, with a larger budget: the stale trial fails, exactly one new trial runs
-    assert main([*args, "optuna.n_trials=3"]) == 0
+    # a driver died in the middle of a trial: the trial is RUNNING, its heartbeat stopped 3 s ago
+    stale = _dead_driver_trial(f"sqlite:///{db}", "tiny", nf=8)
+    assert load(tmp_path, "tiny").trials[stale].state == TrialState.RUNNING
+    # the same command, with a larger budget: the stale trial fails and is run again (same nf)
+    assert main([*args, "optuna.n_trials=3", *FAST_HEARTBEAT]) == 0
     trials = load(tmp_path, "tiny").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL, TrialState.COMPLETE]
-    assert "interrupted" in trials[2].user_attrs["fail_reason"]
+    assert "no heartbeat" in trials[2].user_attrs["fail_reason"]
+    assert trials[3].params == {"model.net.nf": 8} and trials[3].system_attrs["failed_trial"] == 2
     assert len(table_rows(folder / "summary.md")) == 4
 
 

@@ -4,7 +4,9 @@ Steps, in order:
   1. compose and validate the config (typos and out-of-range values fail here);
   2. seed everything; build the DataModule, the model, callbacks, loggers and the Trainer;
   3. log the composed config and the parameter counts;
-  4. fit (optionally resuming from ``ckpt_path``, ``last`` = newest last.ckpt of this task);
+  4. fit (optionally resuming from ``ckpt_path``, ``last`` = newest last.ckpt of this task; a job
+     started again in its own run directory by a cluster launcher resumes from what it left
+     there, :func:`requeued_checkpoint`);
   5. test the best checkpoint and write per-task and average tables;
   6. write ``metrics.json`` and return ``optimized_metric`` for sweepers;
   7. always end the W&B run, so each job of a multirun gets its own.
@@ -13,12 +15,13 @@ Steps, in order:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cirlab.config import validate_config
 from cirlab.utils.console import route_library_logs
@@ -46,6 +49,27 @@ class TrainingRun:
     output_dir: str = ""
 
 
+def requeued_checkpoint(run_dir: str | Path) -> str | None:
+    """The newest checkpoint an earlier start of this same job left in ``run_dir``, when the job
+    was started again in place by a cluster; else None.
+
+    [why] Under Hydra's submitit launcher (``SUBMITIT_EXECUTOR`` is set) a SLURM job requeued
+    after preemption or at its time limit runs the same pickled job again: same multirun folder
+    (Hydra's ``now`` is cached in the pickled config) and job number, so the same run directory,
+    which a fresh job never shares (docs/cluster.md). ``SLURM_RESTART_COUNT`` > 0 marks the same
+    for a plain ``sbatch`` job with a fixed ``hydra.run.dir``. Candidates: Lightning's
+    ``hpc_ckpt_<n>.ckpt`` (saved when the auto-requeue signal arrives) and
+    ``checkpoints/last.ckpt`` (``LastCheckpoint``); the newest file wins.
+    """
+    restarted = bool(os.environ.get("SUBMITIT_EXECUTOR")) or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+    if not restarted:
+        return None
+    folder = Path(run_dir)
+    candidates = [*folder.glob("hpc_ckpt_*.ckpt"), folder / "checkpoints" / "last.ckpt"]
+    found = [path for path in candidates if path.is_file()]
+    return str(max(found, key=lambda path: path.stat().st_mtime)) if found else None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job described by ``cfg``; return its final metrics."""
     return run_training(cfg).metrics
@@ -57,14 +81,23 @@ def run_training(cfg: DictConfig) -> TrainingRun:
     if "pipeline" in cfg:
         raise ValueError("the config sets pipeline.* keys: that experiment is a whole pipeline; run it with "
                          "cirlab-pipeline (`make train experiment=...`)")
+    if "optuna" in cfg:
+        name = cfg.optuna.get("study_name", "?") if OmegaConf.is_dict(cfg.optuna) else "?"
+        raise ValueError(f"the config holds the Optuna study optuna.study_name={name} (an hparams_search=... file "
+                         "with an `optuna:` node): cirlab-train runs single jobs and Hydra grids (-m with "
+                         "hparams_search=*_grid); run the study with `cirlab-sweep hparams_search=<that file> "
+                         "[the same overrides]`")
     validate_config(cfg)
     with claim_run_dir(cfg.paths.output_dir):
         return _run_training(cfg)
 
 
 def _run_training(cfg: DictConfig) -> TrainingRun:
+    requeued = requeued_checkpoint(cfg.paths.output_dir) if cfg.get("resume_requeued", True) else None
+    if requeued and cfg.get("train", True):
+        log.info("this job was started again in its own run directory: resuming from %s", requeued)
     # a damaged or foreign resume checkpoint fails here, before anything is built
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg) if cfg.get("train", True) else None
+    ckpt_path = resolve_ckpt_path(requeued or cfg.get("ckpt_path"), cfg) if cfg.get("train", True) else None
     route_library_logs()  # Lightning's lines once, through the job's handlers (cirlab.utils.console)
     L.seed_everything(cfg.seed, workers=True)
 

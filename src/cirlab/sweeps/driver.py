@@ -10,9 +10,15 @@ objectives from the returned metrics. User attributes of a trial: ``overrides`` 
 with ``cirlab-train`` reproduces it), ``run_dir``, ``metrics``; ``fail_reason`` or
 ``pruned_reason``. A failed trial does not stop the study; ``max_consecutive_failures`` in a row do.
 
-Resuming: trials left RUNNING by a process that died are marked FAIL (``fail_running_on_start``),
-and the sampler's seed is offset by the number of trials already stored, so a resumed study does
-not repeat its first proposals. Whenever the driver stops, ``summary.md``, ``summary.csv`` and
+Several drivers may work on one study at once (e.g. a SLURM array of ``cirlab-sweep`` on one
+SQL database or journal file): each records a heartbeat of its running trial, and before each
+trial a driver marks FAIL only the RUNNING trials whose heartbeat stopped (their driver died) and
+queues them again with the same parameters (:mod:`cirlab.sweeps.storage`); the live trials of
+the other drivers are left alone. Drivers stop once the study holds ``n_trials`` finished
+trials, so a study may end with up to one extra trial per further driver. Resuming: the
+sampler's seed is offset by the number of trials already stored (plus the SLURM array index or
+rank of the driver, :func:`_driver_salt`), so a resumed study or a second driver does not repeat
+the first proposals. Whenever the driver stops, ``summary.md``, ``summary.csv`` and
 ``pareto.png`` are written into the sweep folder and their path printed.
 """
 
@@ -20,20 +26,21 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from cirlab.config import compose_job, validate_config
 from cirlab.sweeps.pruning import trial_in_progress
 from cirlab.sweeps.spec import StudySpec
-from cirlab.sweeps.storage import STUDY_POINTER, masked_url, open_storage
+from cirlab.sweeps.storage import STUDY_POINTER, ask_live, heartbeat_running, masked_url, open_storage, retry_of
 from cirlab.sweeps.summary import summarize_study
 from cirlab.utils.run import attach_log_file, detach_log_file, write_job_files, write_json_atomically
 from cirlab.utils.wandb import finish_wandb, publish_sweep_summary
@@ -66,9 +73,13 @@ def _train_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if _override_key(o).split(".", 1)[0] != "optuna"]
 
 
-def _set_trial_attr(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int, key: str, value: Any) -> None:
-    study_id = storage.get_study_id_from_name(study.study_name)
-    storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, number), key, value)
+def _driver_salt() -> int:
+    """Seed offset of this driver among several started at once: its SLURM array index or rank."""
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return 10_007 * int(value)
+    return 0
 
 
 def _finished(study: optuna.Study) -> int:
@@ -116,50 +127,67 @@ def _label_wandb_runs(cfg: DictConfig, spec: StudySpec, number: int, overrides: 
                 entry.name = f"{spec.study_name}-trial_{number}"
 
 
+def _note(trial: optuna.Trial, key: str, value: object) -> None:
+    """Set a user attribute, unless another driver already ended the trial (it looked stale)."""
+    try:
+        trial.set_user_attr(key, value)
+    except UpdateFinishedTrialError:
+        pass
+
+
 def _run_trial(study: optuna.Study, spec: StudySpec, overrides: list[str]) -> optuna.trial.FrozenTrial:
-    trial = study.ask()
+    trial = ask_live(study)
     run_dir = spec.sweep_dir / f"trial_{trial.number}"
     handler = None
     try:
-        params = {p.name: p.suggest(trial) for p in spec.params}
-        job_overrides = [*_train_overrides(overrides), *(p.override(params[p.name]) for p in spec.params)]
-        trial.set_user_attr("overrides", job_overrides)
-        trial.set_user_attr("run_dir", str(run_dir))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = attach_log_file(run_dir / "train.log")
-        log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()))
-        cfg = compose_job("train", job_overrides, run_dir)
-        if spec.pruner is not None:
+        with heartbeat_running(study, trial):
+            params = {p.name: p.suggest(trial) for p in spec.params}
+            job_overrides = [*_train_overrides(overrides), *(p.override(params[p.name]) for p in spec.params)]
+            trial.set_user_attr("overrides", job_overrides)
+            trial.set_user_attr("run_dir", str(run_dir))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            handler = attach_log_file(run_dir / "train.log")
+            retried = retry_of(study, trial)
+            log.info("trial %d%s: %s", trial.number, "" if retried is None else f" (a retry of trial {retried})",
+                     " ".join(f"{k}={v}" for k, v in params.items()))
+            cfg = compose_job("train", job_overrides, run_dir)
             with open_dict(cfg):
-                if cfg.get("callbacks") is None:
-                    cfg.callbacks = {}
-                cfg.callbacks.optuna_pruning = {"_target_": PRUNING_CALLBACK, "monitor": spec.objectives[0][0]}
-        _label_wandb_runs(cfg, spec, trial.number, job_overrides)
-        write_job_files(cfg, job_overrides, run_dir)
-        try:
-            with trial_in_progress(trial):
-                metrics = train_job(cfg)
-        finally:
-            finish_wandb()
+                cfg.pop("optuna", None)  # the study's own node: this driver's settings, not the job's
+                if spec.pruner is not None:
+                    if cfg.get("callbacks") is None:
+                        cfg.callbacks = {}
+                    cfg.callbacks.optuna_pruning = {"_target_": PRUNING_CALLBACK, "monitor": spec.objectives[0][0]}
+            _label_wandb_runs(cfg, spec, trial.number, job_overrides)
+            write_job_files(cfg, job_overrides, run_dir)
+            try:
+                with trial_in_progress(trial):
+                    metrics = train_job(cfg)
+            finally:
+                finish_wandb()
         metrics = {key: float(value) for key, value in metrics.items()}
-        trial.set_user_attr("metrics", metrics)
+        _note(trial, "metrics", metrics)
         values = _objective_values(metrics, spec.objectives, trial.number)
-        frozen = study.tell(trial, values)
-        log.info("trial %d complete: %s", trial.number,
-                 ", ".join(f"{m}={v:.6g}" for (m, _), v in zip(spec.objectives, values)))
+        frozen = study.tell(trial, values, skip_if_finished=True)
+        if frozen.state != TrialState.COMPLETE:
+            log.error("trial %d finished but another driver had marked it %s (no heartbeat within "
+                      "optuna.grace_period): its metrics are kept as a user attribute only", trial.number,
+                      frozen.state.name)
+        else:
+            log.info("trial %d complete: %s", trial.number,
+                     ", ".join(f"{m}={v:.6g}" for (m, _), v in zip(spec.objectives, values)))
         return frozen
     except optuna.TrialPruned as pruned:
-        trial.set_user_attr("pruned_reason", str(pruned))
+        _note(trial, "pruned_reason", str(pruned))
         log.info("trial %d %s", trial.number, pruned)
-        return study.tell(trial, state=TrialState.PRUNED)
+        return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
     except Exception as error:
         reason = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         reason = f"{type(error).__name__}: {reason}"
         log.error("trial %d failed: %s", trial.number, reason, exc_info=not isinstance(error, (KeyError, ValueError)))
-        trial.set_user_attr("fail_reason", reason)
-        return study.tell(trial, state=TrialState.FAIL)
+        _note(trial, "fail_reason", reason)
+        return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     except BaseException as interrupt:  # Ctrl+C (Lightning turns it into SystemExit): fail the trial, stop
-        trial.set_user_attr("fail_reason", f"interrupted ({type(interrupt).__name__})")
+        _note(trial, "fail_reason", f"interrupted ({type(interrupt).__name__})")
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     finally:
@@ -177,7 +205,7 @@ def run_sweep(overrides: Sequence[str]) -> SweepResult:
     train_cfg = compose_job("train", _train_overrides(overrides), run_dir=spec.sweep_dir)
     validate_config(train_cfg)
 
-    storage = open_storage(spec.storage)
+    storage = open_storage(spec.storage, spec.liveness)
     study = optuna.create_study(study_name=spec.study_name, storage=storage, load_if_exists=True,
                                 directions=[d for _, d in spec.objectives], pruner=spec.make_pruner())
     names = [m for m, _ in spec.objectives]
@@ -195,13 +223,7 @@ def run_sweep(overrides: Sequence[str]) -> SweepResult:
     write_json_atomically(spec.sweep_dir / STUDY_POINTER,
                           {"study_name": spec.study_name, "storage": masked_url(spec.storage)})
 
-    if spec.fail_running_on_start:
-        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            reason = "interrupted: still RUNNING when the sweep was restarted (the process running it ended)"
-            _set_trial_attr(storage, study, stale.number, "fail_reason", reason)
-            study.tell(stale.number, state=TrialState.FAIL)
-            log.warning("trial %d was left RUNNING by an earlier process: marked FAIL", stale.number)
-    study.sampler = spec.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
+    study.sampler = spec.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)) + _driver_salt())
 
     done = _finished(study)
     log.info("study %s (%s): %d of %d trials finished", spec.study_name, spec.storage, done, spec.n_trials)

@@ -10,6 +10,9 @@ A study file ``conf/hparams_search/<name>.yaml`` (``# @package _global_``) decla
       n_trials: 20                      # COMPLETE (or PRUNED) trials the study must hold
       sampler: {name: nsga2, seed: 1}   # null name: tpe for one objective, nsga2 for several
       pruner: null                      # one objective only: {name: median, n_startup_trials: 5, ...}
+      heartbeat_interval: 60            # liveness of trials (seconds), see cirlab.sweeps.storage
+      grace_period: 180
+      max_retry: 1
       params:                           # training-config key -> distribution
         model.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
         data.patch_size: {type: int, low: 32, high: 96, step: 16}
@@ -29,6 +32,8 @@ from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
+
+from cirlab.sweeps.storage import Liveness
 
 _DIRECTIONS = {"max": "maximize", "maximize": "maximize", "min": "minimize", "minimize": "minimize"}
 
@@ -129,7 +134,7 @@ class StudySpec:
     sampler: dict = field(default_factory=dict)
     pruner: dict | None = None
     max_consecutive_failures: int = 3
-    fail_running_on_start: bool = True
+    liveness: Liveness = field(default_factory=Liveness)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> StudySpec:
@@ -158,6 +163,10 @@ class StudySpec:
                                  "set optuna.pruner=null or keep one objective")
             if not isinstance(pruner, dict) or pruner.get("name") != "median":
                 raise ValueError(f"optuna.pruner must be null or {{name: median, ...}}, got {pruner!r}")
+        if "fail_running_on_start" in spec:
+            raise ValueError("optuna.fail_running_on_start was removed: trials of a driver that died are found by "
+                             "their heartbeat (optuna.heartbeat_interval, optuna.grace_period, optuna.max_retry), "
+                             "so several drivers can share a study; delete the key")
         n_trials = int(spec.get("n_trials", 0))
         if n_trials < 1:
             raise ValueError(f"optuna.n_trials must be >= 1, got {spec.get('n_trials')!r}")
@@ -171,7 +180,8 @@ class StudySpec:
             sampler=dict(spec.get("sampler") or {}),
             pruner=pruner,
             max_consecutive_failures=int(spec.get("max_consecutive_failures", 3)),
-            fail_running_on_start=bool(spec.get("fail_running_on_start", True)),
+            liveness=Liveness(**{key: int(spec[key]) for key in ("heartbeat_interval", "grace_period", "max_retry")
+                                 if spec.get(key) is not None}),
         )
 
     def make_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:

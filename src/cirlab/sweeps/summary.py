@@ -1,7 +1,7 @@
 """Sweep summaries: one table per study or Hydra multirun, its Pareto front, and ``pareto.png``.
 
 :func:`write_summary` (and :func:`summarize`, its rows only) reads an Optuna study (a ``.db``
-file, a storage URL, or the driver's sweep folder holding ``study.json``) or a ``cirlab-train -m``
+file, a ``*.journal`` file, a storage URL, or the driver's sweep folder holding ``study.json``) or a ``cirlab-train -m``
 multirun folder (each job's ``.hydra/overrides.yaml`` and ``metrics.json``) and writes
 ``summary.md``, ``summary.csv`` and ``pareto.png`` (:data:`SUMMARY_FILES`). Only COMPLETE
 trials/jobs with every objective take part in the front; ties are all on it.
@@ -23,7 +23,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from cirlab.sweeps.spec import normalize_direction
-from cirlab.sweeps.storage import STUDY_POINTER, load_study, masked_url
+from cirlab.sweeps.storage import JOURNAL_PREFIX, JOURNAL_SUFFIX, STUDY_POINTER, load_study, masked_url
 from cirlab.utils.files import atomic_path
 from cirlab.utils.run import write_text_atomically
 
@@ -277,8 +277,13 @@ def write_summary(path: str | Path, objectives: Sequence[tuple[str, str]] | None
     objectives = [(m, normalize_direction(d)) for m, d in objectives] if objectives else None
     text = str(path)
     folder = Path(text)
-    if "://" in text or folder.is_file():
-        storage = text if "://" in text else f"sqlite:///{folder.resolve()}"
+    if "://" in text or text.startswith(JOURNAL_PREFIX) or folder.is_file():
+        if "://" in text or text.startswith(JOURNAL_PREFIX):
+            storage = text
+        elif folder.suffix == JOURNAL_SUFFIX:
+            storage = f"{JOURNAL_PREFIX}{folder.resolve()}"
+        else:
+            storage = f"sqlite:///{folder.resolve()}"
         study = load_study(storage, study_name)
         if out_dir is None:
             recorded = study.user_attrs.get("sweep_dir")
