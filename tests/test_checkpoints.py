@@ -94,3 +94,34 @@ def test_foreign_content_names_what_the_file_holds(tmp_path):
 def test_a_missing_file_names_the_config_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model\.init_ckpt=.*nowhere\.ckpt"):
         read_checkpoint(tmp_path / "nowhere.ckpt", key="model.init_ckpt")
+
+
+def test_a_module_checkpoint_that_cannot_be_rebuilt_is_named(module, tmp_path):
+    no_weights = {k: v for k, v in module_checkpoint(module, "cirlab.models.cresmd.CResMD", NET["_target_"]).items()
+                  if k != "state_dict"}
+    torch.save(no_weights, tmp_path / "no_weights.ckpt")
+    with pytest.raises(CheckpointError, match="holds no state_dict"):
+        load_module(tmp_path / "no_weights.ckpt")
+    wider = module_checkpoint(module, "cirlab.models.cresmd.CResMD", NET["_target_"])
+    wider["hyper_parameters"]["net"] = {**wider["hyper_parameters"]["net"], "nf": 16}  # weights are nf=8
+    torch.save(wider, tmp_path / "wider.ckpt")
+    with pytest.raises(CheckpointError, match=r"wider\.ckpt.*cannot be rebuilt"):
+        load_module(tmp_path / "wider.ckpt")
+    unknown = module_checkpoint(module, "cirlab.models.gone.Gone", NET["_target_"])
+    torch.save(unknown, tmp_path / "unknown.ckpt")
+    with pytest.raises(CheckpointError, match="cirlab.models.gone.Gone"):
+        load_module(tmp_path / "unknown.ckpt")
+
+
+def test_a_resume_checkpoint_must_be_a_full_training_state_of_the_configured_module(module, tmp_path):
+    from cirlab.checkpoints import check_resume_checkpoint
+
+    state = {**module_checkpoint(module, "cirlab.modules.cresmd.CResMD", NET["_target_"]), "optimizer_states": [],
+             "loops": {}}
+    torch.save(state, tmp_path / "old_layout.ckpt")  # an old class path still resumes its module
+    assert check_resume_checkpoint(tmp_path / "old_layout.ckpt", "cirlab.models.cresmd.CResMD")["loops"] == {}
+    with pytest.raises(CheckpointError, match="this run trains cirlab.models.hyperres.HyperRes"):
+        check_resume_checkpoint(tmp_path / "old_layout.ckpt", "cirlab.models.hyperres.HyperRes")
+    torch.save({k: v for k, v in state.items() if k != "cirlab_module"}, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match="not written by a cirlab module"):
+        check_resume_checkpoint(tmp_path / "foreign.ckpt")
