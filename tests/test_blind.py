@@ -21,6 +21,7 @@ from cirlab.data.degradations import degrade, gaussian_blur
 from cirlab.evaluation.blind import run_artifacts, run_modulation, run_oversmoothing, run_protocol, run_study
 from cirlab.evaluation.blind_config import ArtifactsConfig, ModulationConfig, OversmoothingConfig, protocol_config
 from cirlab.evaluation.blind_measures import (
+    detail_loss,
     hf_energy,
     hf_excess,
     load_clean_images,
@@ -174,6 +175,19 @@ def test_hf_measures_on_known_images():
     assert float(hf_excess(checker, checker)) == 0.0 and math.isnan(float(hf_excess(checker, flat)))
     half = 0.5 * checker + 0.25  # half the amplitude: a quarter of the energy
     assert float(hf_excess(checker, half)) == pytest.approx(3.0, rel=0.02)
+
+
+def test_detail_loss_sees_smoothing_through_leftover_noise():
+    (_, clean) = clean_images()[0]
+    field = noise_field(clean, 0, 0)
+    noisy = degrade(clean, torch.tensor([[0.0, 0.3, 0.0]]), noise_field=field)
+    ratio, kept, loss = detail_loss(noisy, clean)
+    assert float(ratio) > 1.5 and abs(float(kept) - 1) < 0.1 and float(loss) < 0.1  # noise is no lost detail
+    # detail smoothed away but the noise left in: the energy ratio still exceeds 1, the loss shows
+    smoothed = (gaussian_blur(clean, torch.tensor([1.5])) + (noisy - clean)).clamp(0, 1)
+    ratio, kept, loss = detail_loss(smoothed, clean)
+    assert float(ratio) > 1.0 and float(loss) > 0.4
+    assert float(detail_loss(clean, clean)[2]) == 0.0
 
 
 # --------------------------------------------------------------------------- files, configs

@@ -266,8 +266,8 @@ def run_oversmoothing(restorers: Sequence[Restorer], images: ImageSource, cfg: O
     Input: the clean image with noise ``cfg.sigma`` (8-bit, no blur, no JPEG); task vectors
     ``(0, k, 0)`` for ``k`` in ``cfg.levels``, the first being the true level ``sigma / 50``.
     Reference: the clean image (what no level above the true one can improve on). Measures per
-    image and level: ``psnr`` (paper convention), ``hf_ratio`` and ``detail_loss``
-    (:func:`detail_loss`), and ``psnr_delta`` / ``detail_loss_delta``, the same minus their
+    image and level: ``psnr`` (paper convention), ``hf_ratio``, ``detail_kept`` and
+    ``detail_loss`` (:func:`detail_loss`), and ``psnr_delta`` / ``detail_loss_delta``, the same minus their
     value at the true level. Summary: PSNR at the true level and mean over all levels, the PSNR
     drop from the true to the largest level, and the detail loss at both ends.
     """
@@ -282,16 +282,17 @@ def run_oversmoothing(restorers: Sequence[Restorer], images: ImageSource, cfg: O
         for r in restorers:
             outputs = _restore(r, degraded, tasks)
             psnr_k = psnr(outputs, image.expand_as(outputs))
-            ratio, loss = detail_loss(outputs, image.expand_as(outputs))
+            ratio, kept, loss = detail_loss(outputs, image.expand_as(outputs))
             for k, level in enumerate(cfg.levels):
                 result.rows.append({"image": name, "model": r.name, "level": level, "psnr": float(psnr_k[k]),
                                     "psnr_delta": float(psnr_k[k] - psnr_k[0]), "hf_ratio": float(ratio[k]),
+                                    "detail_kept": float(kept[k]),
                                     "detail_loss": float(loss[k]), "detail_loss_delta": float(loss[k] - loss[0])})
             strip[r.name] = [degraded[0], *outputs, image[0]]
         if index < cfg.strips:
             labels = ["input"] + [_level_label(v) for v in cfg.levels] + ["clean"]
             result.strips[name] = (labels, strip)
-    _aggregate(result, ("psnr", "psnr_delta", "hf_ratio", "detail_loss", "detail_loss_delta"))
+    _aggregate(result, ("psnr", "psnr_delta", "hf_ratio", "detail_kept", "detail_loss", "detail_loss_delta"))
     for model in result.models:
         table = result.per_level[model]
         result.summary[model] = {
@@ -301,7 +302,7 @@ def run_oversmoothing(restorers: Sequence[Restorer], images: ImageSource, cfg: O
             "detail_loss_true": table["detail_loss"][0],
             "detail_loss_top": table["detail_loss"][-1],
         }
-    result.plots = [("psnr", "PSNR to the clean image (dB)"), ("detail_loss", "detail loss (1 - HF energy ratio)")]
+    result.plots = [("psnr", "PSNR to the clean image (dB)"), ("detail_loss", "detail loss (1 - clean detail kept)")]
     _flops(result, restorers, tasks, clean)
     return _finish(result, out_dir)
 

@@ -28,6 +28,13 @@ __all__ = ["ImageSource", "detail_loss", "hf_energy", "hf_excess", "load_clean_i
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
 
 
+def _laplacian(images: Tensor) -> Tensor:
+    """3x3 Laplacian per channel of the 8-bit image (0..255 scale), valid positions only."""
+    x = quantize_uint8(images).to(torch.float64)
+    c = x.shape[1]
+    return F.conv2d(x, _LAPLACIAN.to(x.device).expand(c, 1, 3, 3), groups=c)
+
+
 def hf_energy(images: Tensor) -> Tensor:
     """High-frequency energy per image: mean square of the 3x3 Laplacian of the 8-bit image.
 
@@ -36,10 +43,7 @@ def hf_energy(images: Tensor) -> Tensor:
     valid positions only (no padding, so the border adds nothing), and its square is averaged.
     Returns ``(B,)`` float64.
     """
-    x = quantize_uint8(images).to(torch.float64)
-    c = x.shape[1]
-    kernel = _LAPLACIAN.to(x.device).expand(c, 1, 3, 3)
-    return F.conv2d(x, kernel, groups=c).pow(2).flatten(1).mean(dim=1)
+    return _laplacian(images).pow(2).flatten(1).mean(dim=1)
 
 
 def hf_excess(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -51,12 +55,23 @@ def hf_excess(outputs: Tensor, targets: Tensor) -> Tensor:
     return torch.where(e_ref > 0, ratio.clamp_min(0.0), torch.full_like(ratio, math.nan))
 
 
-def detail_loss(outputs: Tensor, clean: Tensor) -> tuple[Tensor, Tensor]:
-    """``(ratio, loss)`` per image: ``ratio = E(y) / E(clean)`` and ``loss = max(0, 1 - ratio)``,
-    the fraction of the clean image's high-frequency energy (:func:`hf_energy`) the output lacks."""
-    e_out, e_ref = hf_energy(outputs), hf_energy(clean)
-    ratio = torch.where(e_ref > 0, e_out / e_ref, torch.full_like(e_out, math.nan))
-    return ratio, (1.0 - ratio).clamp_min(0.0)
+def detail_loss(outputs: Tensor, clean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(hf_ratio, kept, loss)`` per image, with ``L`` the Laplacian of :func:`hf_energy`:
+
+    * ``hf_ratio = E(y) / E(clean)``: all high-frequency energy, detail and leftover noise alike;
+    * ``kept = <L y, L clean> / <L clean, L clean>``: the gain of the output's high frequencies
+      along the clean image's own, i.e. how much of the clean detail survives. Noise left in the
+      output is (nearly) uncorrelated with the clean image and adds (nearly) nothing, so a
+      smoothed but still noisy output shows its loss; 1 for the clean image itself;
+    * ``loss = max(0, 1 - kept)``: the fraction of the clean detail the output lacks.
+
+    NaN where the clean image has no high frequencies (a flat image)."""
+    l_out, l_ref = _laplacian(outputs).flatten(1), _laplacian(clean).flatten(1)
+    e_ref = l_ref.pow(2).sum(dim=1)
+    nan = torch.full_like(e_ref, math.nan)
+    ratio = torch.where(e_ref > 0, l_out.pow(2).sum(dim=1) / e_ref, nan)
+    kept = torch.where(e_ref > 0, (l_out * l_ref).sum(dim=1) / e_ref, nan)
+    return ratio, kept, (1.0 - kept).clamp_min(0.0)
 
 
 def step_changes(outputs: Tensor) -> tuple[Tensor, float]:
