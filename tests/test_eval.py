@@ -38,7 +38,7 @@ def eval_cfg(tmp_path: Path, *overrides: str, run: str = "eval"):
 
 
 def test_two_models_give_one_table_and_plot_with_their_flops(tmp_path):
-    images = write_images(tmp_path / "images", count=3)
+    images = write_images(tmp_path / "images", count=4)  # PNG, BMP, TIFF and JPEG
     cresmd = make_checkpoint("cresmd", tmp_path / "a", seed=1)
     tasnet = make_checkpoint("tasnet", tmp_path / "b", seed=2)
     cfg = eval_cfg(tmp_path, f"images={images}", f"models={{CResMD:{cresmd},TASNet:{tasnet}}}")
@@ -54,6 +54,7 @@ def test_two_models_give_one_table_and_plot_with_their_flops(tmp_path):
     from cirlab.archs.tasnet import TASNet
 
     assert flops["TASNet"] == TASNet.load(tasnet).flops(tasks, 720, 1280)
+    assert "images (4), " in data["notes"][0]  # every image of the folder was scored
     assert data["workload"] == {"tasks": 27, "height": 720, "width": 1280,
                                 "text": "cresmd27 (27 task vectors) on one 1280x720 image"}
     for name in ("CResMD", "TASNet"):  # per-model grid tables in their own folders
