@@ -171,3 +171,19 @@ def test_the_plain_progress_lines_of_an_in_process_run(train_cfg, caplog):
     assert sum(line.startswith("validation at step") for line in lines) == 2
     assert len(lines) == len(set(lines))
 
+
+
+def test_the_hydra_callback_prints_the_tree_on_rank_zero_only(tmp_path, capsys, monkeypatch, lightning_handler_restored):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from cirlab.utils.console import ConsoleSetup
+
+    cfg = compose("train", [*TINY, f"hydra.run.dir={tmp_path}"])
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    ConsoleSetup().on_job_start(config=cfg)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)
+    ConsoleSetup().on_job_start(config=cfg)
+    assert capsys.readouterr().out.startswith("config\n├── data")
+    ConsoleSetup(print_config=False).on_job_start(config=cfg)
+    assert capsys.readouterr().out == ""

@@ -107,7 +107,7 @@ def print_config_tree(cfg: DictConfig, stream: TextIO | None = None, order: Iter
 
 class ConsoleSetup(HydraCallback):
     """Hydra callback: when a job starts (after Hydra set up its logging), route Lightning's logs
-    through Hydra's handlers and print the job's composed config as a tree.
+    through Hydra's handlers and print the job's composed config as a tree (on rank 0).
 
     Args:
         print_config: print the tree (``hydra.callbacks.console.print_config=false`` turns it off).
@@ -118,5 +118,8 @@ class ConsoleSetup(HydraCallback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         route_library_logs()
-        if self.print_config:
+        # DDP started by Lightning or SLURM runs this job once per rank: one tree is enough
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if self.print_config and getattr(rank_zero_only, "rank", 0) == 0:
             print_config_tree(config)
