@@ -426,7 +426,8 @@ class LevelDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Decode the training images (first ``fit`` only) and load the level sets the stage needs."""
         if stage in (None, "fit") and self.train_images is None and self.train_dir is not None:
-            self.train_images = decode_training_images(self.check_inputs())
+            store = self.cache_dir / "decoded" if self.cache_dir else None  # one decoded copy per node
+            self.train_images = decode_training_images(self.check_inputs(), store_dir=store)
         for name, wanted in (("val", (None, "fit", "validate")), ("test", (None, "test"))):
             if stage in wanted and getattr(self, f"{name}_set") is None:
                 spec = self.level_spec(name)
