@@ -217,3 +217,26 @@ def test_make_compare_recipe_at_a_tiny_scale(tmp_path):
     assert again["comparisons"] == result["comparisons"]
     with pytest.raises(ValueError, match="nonsense"):
         run_compare(tmp_path / "other", protocols=["nonsense"])
+
+
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_the_comparison_reaches_the_loggers(tmp_path, logger, monkeypatch):
+    from cirlab.utils.wandb import finish_wandb
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    images = write_images(tmp_path / "images", count=1)
+    ckpt = make_checkpoint("cresmd", tmp_path / "c")
+    cfg = eval_cfg(tmp_path, f"images={images}", f"models={{A:{ckpt}}}", "protocol.grid=single", f"logger={logger}")
+    try:
+        run_eval(cfg)
+    finally:
+        finish_wandb()
+    out = Path(cfg.paths.output_dir)
+    if logger == "csv":
+        header = next(out.glob("csv/version_*/metrics.csv")).read_text().splitlines()[0]
+        assert "eval/grid/A/psnr" in header and "eval/grid/A/gflops_per_inference" in header
+    else:
+        run = next(out.glob("wandb/offline-run-*"))
+        media = [p.name for p in run.rglob("*") if p.is_file() and "media" in p.parts]
+        assert any(name.endswith(".png") for name in media) and any(name.endswith(".table.json") for name in media)

@@ -15,7 +15,10 @@ checks every model against the protocol before any image is scored, runs the pro
 * ``comparison.png``: quality against FLOPs per inference, one point per model;
 * the protocol's own files (grid: ``test_per_task.*`` and ``test_average.md``, in a folder per
   model when there are several; levels: ``levels.*``);
-* for one checkpoint on the grid, ``metrics.json`` as before.
+* for one checkpoint on the grid, ``metrics.json`` as before;
+* with a logger (``logger=csv``, ``logger=wandb``: offline without credentials), every model's
+  numbers as ``eval/<protocol>/<model>/<metric>``; W&B also gets the table and the plot, and the
+  protocol's own records (the blind studies log theirs to the same run).
 
 One module checkpoint given as ``ckpt_path`` on the grid runs through ``trainer.test``
 (:func:`cirlab.evaluation.grid.evaluate`: loggers, DDP, ``iqa=true``), with the protocol's grid,
@@ -157,6 +160,46 @@ def write_comparison(result: ProtocolResult, out_dir: Path) -> list[Path]:
     return paths
 
 
+def start_loggers(cfg: DictConfig) -> list:
+    """The loggers of ``cfg.logger`` (none by default); a W&B run starts now (offline without
+    credentials), so a protocol can log its own records to ``wandb.run`` while it runs."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from cirlab.utils.run import instantiate_loggers
+
+    loggers = instantiate_loggers(cfg.get("logger"))
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            _ = logger.experiment
+    return loggers
+
+
+def log_comparison(loggers: list, result: ProtocolResult, paths: list[Path], key: str) -> None:
+    """Every model's numbers as metrics ``eval/<key>/<model>/<metric>`` (and
+    ``gflops_per_inference``) to every logger; W&B also gets the table and the plot."""
+    import math
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not loggers:
+        return
+    metrics = {}
+    for name in result.models:
+        for metric, value in result.quality[name].items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                metrics[f"eval/{key}/{name}/{metric}"] = float(value)
+        metrics[f"eval/{key}/{name}/gflops_per_inference"] = result.per_inference(name) / 1e9
+    columns = ["model", "kind", *result.metrics, "gflops_workload", "gflops_per_inference"]
+    rows = [[name, result.kinds.get(name, ""), *[float(result.quality[name][m]) for m in result.metrics],
+             result.flops[name] / 1e9, result.per_inference(name) / 1e9] for name in result.models]
+    for logger in loggers:
+        logger.log_metrics(metrics, step=0)
+        if isinstance(logger, WandbLogger):
+            logger.log_table(key=f"eval/{key}/comparison", columns=columns, data=rows)
+            logger.log_image(key=f"eval/{key}/quality_vs_flops", images=[str(paths[3])])
+        logger.finalize("success")
+
+
 def run_eval(cfg: DictConfig) -> EvalResult:
     """Score ``cfg``'s checkpoints under ``cfg.protocol``; see the module docstring."""
     from cirlab.config import validate_config
@@ -167,18 +210,21 @@ def run_eval(cfg: DictConfig) -> EvalResult:
     runner = get_runner(cfg)  # an unknown runner fails before any checkpoint is read
     restorers = load_restorers(cfg, specs)
     out_dir = Path(cfg.paths.output_dir)
-    grid = None
+    grid, loggers = None, []
     if _use_trainer(cfg, specs, restorers):
         result, grid = _trainer_grid(cfg, restorers[0])
     else:
         if cfg.get("iqa"):
             raise ValueError("iqa=true runs through trainer.test: give one module checkpoint as ckpt_path with "
                              "protocol=grid")
+        loggers = start_loggers(cfg)
         result = runner(cfg, restorers, out_dir)
         if protocol_name(cfg) == "grid" and len(restorers) == 1:  # one checkpoint: metrics.json as before
             averages = {f"test/{k}": v for k, v in result.quality[restorers[0].name].items()}
             write_json_atomically(out_dir / "metrics.json", {"ckpt_path": specs[0], **averages})
     paths = write_comparison(result, out_dir)
+    if grid is None:  # trainer.test logged through the trainer's own loggers
+        log_comparison(loggers, result, paths, protocol_name(cfg))
     log.info("comparison (%s):\n%s", result.protocol, paths[0].read_text())
     return EvalResult(result, paths, grid)
 
