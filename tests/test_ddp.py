@@ -61,8 +61,10 @@ def validate_in_one_process(cfg) -> dict:
     from cirlab.checkpoints import load_module
 
     module = load_module(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    # default_root_dir: the search writes its architecture under it (the working directory otherwise)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=Path(cfg.paths.output_dir) / "one_process")
     return trainer.validate(module, datamodule=hydra.utils.instantiate(cfg.data), verbose=False)[0]
 
 
