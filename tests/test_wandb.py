@@ -185,6 +185,17 @@ def test_a_sweep_summary_goes_to_the_sweep_group_as_a_table_and_the_pareto_plot(
     # no W&B logger in the jobs' config: nothing is sent
     assert publish_sweep_summary({"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger"}}, out_dir) is None
 
+    # the end of a `cirlab-train -m` grid does the same through its Hydra callback
+    from omegaconf import OmegaConf
+
+    from cirlab.sweeps.hydra_callback import MultirunSummary
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}}, "logger": logger_cfg})
+    before = set((folder / "wandb").glob("offline-run-*"))
+    MultirunSummary().on_multirun_end(config=config)
+    (new_run,) = set((folder / "wandb").glob("offline-run-*")) - before
+    assert list((new_run / "files" / "media" / "images" / "sweep").glob("pareto_*.png"))
+
 
 def test_the_wandb_module_does_not_import_wandb_or_lightning_by_itself():
     """Entry points import cirlab.utils.wandb; W&B and Lightning load only when a logger is made."""
