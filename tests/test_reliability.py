@@ -190,6 +190,26 @@ def test_the_hydra_callback_stops_a_job_aimed_at_a_live_jobs_folder(tmp_path):
     assert not (folder / OWNER_FILE).exists()
 
 
+def test_resuming_last_skips_the_checkpoints_of_jobs_still_running(tmp_path):
+    from cirlab.checkpoints import save_torch_file
+
+    runs = tmp_path / "logs" / "train" / "runs"
+    older, running = runs / "2026-01-02_03-04-05_aaaaaa", runs / "2026-01-02_03-04-05_bbbbbb"
+    for index, run in enumerate((older, running)):
+        save_torch_file({**cresmd_checkpoint(), "global_step": index}, run / "checkpoints" / "last.ckpt")
+        os.utime(run / "checkpoints" / "last.ckpt", (1000 + index, 1000 + index))  # `running` is the newest
+    cfg = compose("train", [f"paths.root_dir={tmp_path}", "model=cresmd_tiny", f"hydra.run.dir={tmp_path / 'next'}"])
+    assert resolve_ckpt_path("last", cfg) == str(running / "checkpoints" / "last.ckpt")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (running / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid}))
+        assert resolve_ckpt_path("last", cfg) == str(older / "checkpoints" / "last.ckpt")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert resolve_ckpt_path("last", cfg) == str(running / "checkpoints" / "last.ckpt")  # it has ended
+
+
 def test_ranks_other_than_zero_do_not_claim(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with claim_run_dir(tmp_path / "run"):

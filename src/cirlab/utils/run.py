@@ -104,8 +104,15 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
         return str(own)
     task_dir = Path(cfg.paths.log_dir) / cfg.task_name
     candidates = sorted(task_dir.glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    # the newest last.ckpt of a job still running is that job's, not an interrupted one to resume
+    running = [c for c in candidates if _owned_by_live_job(c.parent.parent)]
+    if running:
+        log.info("ckpt_path=last: skipping %d checkpoint(s) of jobs still running (%s)", len(running),
+                 ", ".join(str(c.parent.parent) for c in running))
+        candidates = [c for c in candidates if c not in running]
     if not candidates:
-        raise FileNotFoundError(f"ckpt_path=last: no last.ckpt under {task_dir} (or {own.parent})")
+        busy = f" other than those of jobs still running ({len(running)})" if running else ""
+        raise FileNotFoundError(f"ckpt_path=last: no last.ckpt under {task_dir}{busy} (or {own.parent})")
     log.info("resuming from %s", candidates[-1])
     check_resume_checkpoint(candidates[-1], expected, key="ckpt_path=last")
     return str(candidates[-1])
@@ -193,6 +200,12 @@ def _read_owner(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def _owned_by_live_job(run_dir: Path) -> bool:
+    """Whether another job that is (or may be) running owns ``run_dir``."""
+    record = _read_owner(Path(run_dir) / OWNER_FILE)
+    return bool(record) and _owner_state(record) == "live"
 
 
 @contextlib.contextmanager
