@@ -70,7 +70,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------ blur
 
 
-@pytest.mark.parametrize("backend", ["matmul", "kornia"])
+@pytest.mark.parametrize("backend", ["matmul", "blocks", "kornia"])
 def test_blur_of_impulse_is_the_normalised_gaussian(backend: str) -> None:
     radii = [0.5, 1.0, 2.3, 4.0]
     n = 41
@@ -105,7 +105,7 @@ def test_blur_zero_radius_is_identity_and_mixed_batch() -> None:
     assert not torch.allclose(y[1], x[1])
 
 
-@pytest.mark.parametrize("backend", ["matmul", "kornia"])
+@pytest.mark.parametrize("backend", ["matmul", "blocks", "kornia"])
 def test_blur_replicate_border_matches_numpy(backend: str) -> None:
     g = torch.Generator().manual_seed(2)
     # non-square, smaller than 2x the kernel
@@ -129,6 +129,24 @@ def test_blur_backends_agree_float32() -> None:
     a = gaussian_blur(x, r, backend="matmul")
     b = gaussian_blur(x, r, backend="kornia")
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gaussian_blur(x, r, backend="blocks"), a, atol=1e-6, rtol=0)
+
+
+def test_blocks_blur_equals_the_full_band_on_margin_crops() -> None:
+    """The "blocks" backend (training pairs on CPU) multiplies each block of outputs by its part of the band:
+    the same matrix entries as the full banded product. On 99 px crops (64 px patches, 10 px margin) it agrees
+    with it to float rounding, and every output still reads the pixels 10 px away (block edges included)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(6, 3, 99, 99, generator=g)
+    r = torch.tensor([0.3, 1.0, 2.2, 3.1, 4.0, 4.0])
+    blocks = gaussian_blur(x, r, backend="blocks")
+    torch.testing.assert_close(blocks, gaussian_blur(x, r, backend="matmul"), atol=1e-6, rtol=0)
+    impulse = torch.zeros(1, 3, 99, 99)
+    impulse[..., 47, 47] = 1.0  # 47 = 2 * 16 + 15: the last column of a block, its reach crosses into the next
+    spread = gaussian_blur(impulse, torch.tensor([4.0]), backend="blocks")[0, 0]
+    assert (spread[37:58, 37:58] > 0).all() and spread[:37].abs().max() == 0 and spread[:, 58:].abs().max() == 0
+    with pytest.raises(ValueError, match="'blocks'"):
+        gaussian_blur(x, r, backend="band")
 
 
 # ----------------------------------------------------------------------------------- noise
@@ -247,6 +265,140 @@ def test_jpeg_roundtrip_is_byte_identical_to_pillow(size: tuple[int, int]) -> No
     scalar = jpeg_roundtrip(u8, 30)
     for i in range(len(JPEG_QUALITIES)):
         assert torch.equal(scalar[i], _pillow_roundtrip(u8[i], 30))
+
+
+# ------------------------------------------------------------------ patches of margin crops
+
+CROP, PATCH = 99, 64  # a training crop: 64 px patch + 2 x 10 px margin + 15 px of grid phase
+
+
+def _photo_u8(n: int, size: int, noise: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """n uint8 crops from all over the astronaut photo (optionally with Gaussian noise of std ``noise``/255)."""
+    from skimage import data
+
+    img = torch.from_numpy(np.ascontiguousarray(data.astronaut())).permute(2, 0, 1).float()
+    span = img.shape[-1] - size
+    crops = torch.stack([img[:, (37 * i) % span :, (53 * i + 11) % span :][:, :size, :size] for i in range(n)])
+    crops = crops + noise * torch.randn(crops.shape, generator=torch.Generator().manual_seed(seed))
+    return crops.round().clamp(0, 255).to(torch.uint8)
+
+
+def _every_offset() -> torch.Tensor:
+    """(2 * 36, 2) offsets: every row offset of a 64 px patch in a 99 px crop with spread columns, and transposed."""
+    span = CROP - PATCH + 1
+    rows = torch.tensor([[i, (7 * i) % span] for i in range(span)])
+    return torch.cat([rows, rows.flip(1)])
+
+
+def test_jpeg_window_is_the_blocks_around_the_window() -> None:
+    from cirlab.data.loading import JPEG_GRID
+
+    assert D.jpeg_window(10, PATCH, CROP) == (0, 80)  # 5 of the crop's 7 blocks per side
+    assert D.jpeg_window(20, PATCH, CROP) == (16, 96)
+    assert D.jpeg_window(35, PATCH, CROP) == (32, 99)  # up to the crop's end and its padded last block
+    assert D.jpeg_window(0, 16, 16) == (0, 16)
+    for start in range(CROP - PATCH + 1):
+        s, e = D.jpeg_window(start, PATCH, CROP)
+        assert s % JPEG_GRID == 0 and (e % JPEG_GRID == 0 or e == CROP)
+        assert s <= max(0, start - 2) and e >= min(CROP, start + PATCH + 2)
+        assert s > start - 2 - JPEG_GRID and (e < start + PATCH + 2 + JPEG_GRID or e == CROP)
+    with pytest.raises(ValueError, match="window"):
+        D.jpeg_window(40, PATCH, CROP)
+
+
+@pytest.mark.parametrize("content", ["noisy", "photo"])
+def test_jpeg_roundtrip_patches_equal_the_whole_crops_round_trip(content: str, monkeypatch) -> None:
+    """Compressing only the blocks a patch depends on gives the patch of the whole crop's round trip, byte for
+    byte, at every patch offset (and with it every phase of the 16 px grid), quality per sample."""
+    from cirlab.data.loading import cut_patches
+
+    offsets = _every_offset()
+    n = len(offsets)
+    crops = _photo_u8(n, CROP, noise=25.0 if content == "noisy" else 0.0, seed=3)
+    qualities = torch.tensor([(10, 30, 50, 80, 95, NO_JPEG, 10, 30, 50)[i % 9] for i in range(n)])
+    whole = cut_patches(jpeg_roundtrip(crops, qualities), offsets, PATCH)
+    patches = D.jpeg_roundtrip_patches(crops, qualities, offsets, PATCH)
+    assert patches.dtype == torch.uint8 and patches.shape == (n, 3, PATCH, PATCH)
+    assert torch.equal(patches, whole)
+    # the windows hold fewer 16 px blocks than the crop's 7 x 7: at most 6 x 6, about half for patches away
+    # from the crop's borders (offsets 10..25, as CropDataset draws them inside an image)
+    inner = [o for o in offsets.tolist() if 10 <= min(o) and max(o) <= 25]
+    blocks = [math.ceil((y1 - y0) / 16) * math.ceil((x1 - x0) / 16)
+              for (y0, y1), (x0, x1) in ((D.jpeg_window(oy, PATCH, CROP), D.jpeg_window(ox, PATCH, CROP)) for oy, ox in inner)]
+    assert len(inner) > 10 and max(blocks) <= 36 and sum(blocks) / len(blocks) < 0.6 * 49
+    # the check discriminates: windows without the chroma samples next to the patch change some patches
+    monkeypatch.setattr(D, "_JPEG_CHROMA_REACH", 0)
+    assert not torch.equal(D.jpeg_roundtrip_patches(crops, qualities, offsets, PATCH), whole)
+
+
+def _patch_levels(b: int, seed: int) -> torch.Tensor:
+    """(b, 3) task levels mixing no/mild/strong blur and noise and JPEG qualities on the grid, zeros included."""
+    g = torch.Generator().manual_seed(seed)
+    blur = torch.tensor([0.0, 0.25, 1.0])[torch.randint(0, 3, (b,), generator=g)]
+    noise = torch.tensor([0.0, 0.1, 0.6])[torch.randint(0, 3, (b,), generator=g)]
+    jpeg = _jpeg_levels([(NO_JPEG, 10, 30, 50, 80)[i] for i in torch.randint(0, 5, (b,), generator=g).tolist()])[:, 2]
+    return torch.stack([blur, noise, jpeg], dim=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "blocks"])
+def test_degrade_patches_equal_degrading_the_whole_crops_then_cutting(device: str, backend: str) -> None:
+    """degrade_patches (training pairs) is degrade of the whole crops + cut_patches, exactly; with k level sets per
+    crop (input and target) the copies share the crop's noise field and offset; a field drawn from a generator
+    (on a helper thread on CPU) is the same draw as torch.randn of the crops' shape."""
+    from cirlab.data.loading import cut_patches
+
+    b, size, patch = 6, 56, 24
+    clean = _natural_crops(b, size).to(device)
+    levels = _patch_levels(2 * b, seed=1).to(device)
+    offsets = torch.randint(0, size - patch + 1, (b, 2), generator=torch.Generator().manual_seed(2)).to(device)
+    field = torch.randn(clean.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    out = D.degrade_patches(clean, levels, offsets, patch, noise_field=field, blur_backend=backend)
+    whole = degrade(torch.cat([clean, clean]), levels, noise_field=torch.cat([field, field]), blur_backend=backend)
+    assert out.shape == (2 * b, 3, patch, patch) and out.dtype == clean.dtype and out.device == clean.device
+    assert torch.equal(out, cut_patches(whole, torch.cat([offsets, offsets]), patch))
+    one = D.degrade_patches(clean, levels[:b], offsets, patch, noise_field=field, blur_backend=backend)
+    assert torch.equal(one, cut_patches(degrade(clean, levels[:b], noise_field=field, blur_backend=backend), offsets, patch))
+    drawn = D.degrade_patches(clean, levels, offsets, patch, generator=torch.Generator(device=device).manual_seed(4),
+                              blur_backend=backend)
+    same_draw = torch.randn(clean.shape, generator=torch.Generator(device=device).manual_seed(4), device=device)
+    assert torch.equal(drawn, D.degrade_patches(clean, levels, offsets, patch, noise_field=same_draw, blur_backend=backend))
+    assert not torch.equal(drawn, out)  # another noise draw
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device: this test checks that jpeg_roundtrip_patches of a CUDA batch equals the CPU "
+    "result byte for byte (windows compressed by libjpeg through host memory)",
+)
+def test_jpeg_roundtrip_patches_of_cuda_batch_equal_cpu() -> None:
+    offsets = _every_offset()[::3]
+    crops = _photo_u8(len(offsets), CROP, noise=25.0)
+    qualities = torch.tensor([(10, NO_JPEG, 50, 80)[i % 4] for i in range(len(offsets))])
+    on_gpu = D.jpeg_roundtrip_patches(crops.cuda(), qualities.cuda(), offsets.cuda(), PATCH)
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), D.jpeg_roundtrip_patches(crops, qualities, offsets, PATCH))
+
+
+def test_degrade_patches_validates_before_degrading() -> None:
+    clean = _natural_crops(2, 40)
+    levels = _patch_levels(4, seed=0)
+    good = torch.tensor([[0, 0], [16, 16]])
+    with pytest.raises(ValueError, match=r"offsets must have shape \(2, 2\)"):
+        D.degrade_patches(clean, levels, torch.zeros(4, 2, dtype=torch.long), 24)
+    with pytest.raises(ValueError, match="integers"):
+        D.degrade_patches(clean, levels, good.float(), 24)
+    with pytest.raises(ValueError, match=r"offsets\[1\]=\(17, 16\)"):
+        D.degrade_patches(clean, levels, torch.tensor([[0, 0], [17, 16]]), 24)
+    with pytest.raises(ValueError, match="patch_size"):
+        D.degrade_patches(clean, levels, good, 0)
+    with pytest.raises(ValueError, match=r"levels must have shape \(k \* 2, 3\)"):
+        D.degrade_patches(clean, levels[:3], good, 24)
+    # degrade itself keeps one level set per image
+    with pytest.raises(ValueError, match=r"levels must have shape \(2, 3\) to match clean"):
+        degrade(clean, levels)
+    with pytest.raises(ValueError, match="backend"):
+        D.degrade_patches(clean, levels, good, 24, blur_backend="band")
 
 
 def _torchvision_deprecates_codecs() -> bool:
