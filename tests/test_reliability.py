@@ -156,6 +156,18 @@ def test_a_claim_refuses_a_live_owner_and_takes_over_from_an_ended_one(tmp_path)
     # the owner has ended: the folder is taken over, and released at the end
     with claim_run_dir(folder):
         assert json.loads((folder / OWNER_FILE).read_text())["pid"] == os.getpid()
+    # a live process that got the pid of an ended owner is not that owner (start time differs)
+    reused = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": reused.pid,
+                                                     "pid_start": "1", "started": "long ago"}))
+        with claim_run_dir(folder):
+            pass
+    finally:
+        reused.kill()
+        reused.wait()
+    with claim_run_dir(folder):
+        assert json.loads((folder / OWNER_FILE).read_text())["pid"] == os.getpid()
         with claim_run_dir(folder):  # a driver running a job in a folder it owns
             pass
         assert (folder / OWNER_FILE).exists()

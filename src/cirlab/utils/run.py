@@ -159,8 +159,19 @@ def _is_rank_zero() -> bool:
 
 
 def _this_owner() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "slurm_job": _slurm_job()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "slurm_job": _slurm_job()}
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), or None: with
+    the pid it tells a live owner from an unrelated process that got the pid of a dead one."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()  # after "pid (command) "; the command may hold spaces
+    return fields[19] if len(fields) > 19 else None
 
 
 def _slurm_job() -> str | None:
@@ -188,7 +199,10 @@ def _owner_state(record: dict[str, Any]) -> str:
         return "gone"  # the same SLURM job, requeued: its earlier attempt has ended
     if record.get("host") == here:
         pid = record.get("pid")
-        return "live" if isinstance(pid, int) and _pid_alive(pid) else "gone"
+        if not (isinstance(pid, int) and _pid_alive(pid)):
+            return "gone"
+        recorded, current = record.get("pid_start"), _process_start(pid)
+        return "gone" if recorded and current and recorded != current else "live"  # a reused pid
     return "live"  # another host: it cannot be checked from here, so assume it runs
 
 
