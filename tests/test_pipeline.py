@@ -25,6 +25,7 @@ def tiny_overrides(root: Path, cache: Path, run_dir: Path) -> list[str]:
             f'pipeline.search.extra="model=tasnet_search_tiny {TINY_DATA} trainer.log_every_n_steps=1"',
             f'pipeline.finetune.extra="{TINY_DATA}"',
             'pipeline.evaluate.extra="data.test_crop=48"',
+            'pipeline.evaluate.blind_extra="protocol.crop=48 protocol.strips=1"',
             "pipeline.bench.resolutions=[32x48]", "pipeline.bench.repeats=1", "pipeline.bench.warmup=0",
             "pipeline.bench.threads=[1]", "pipeline.bench.device=cpu", "pipeline.threads=1"]
 
@@ -88,6 +89,20 @@ def test_evaluate_compares_both_models_on_every_task(tiny_run):
         scored = json.loads((run_dir / "evaluate" / name.lower() / "metrics.json").read_text())
         assert scored["test/psnr"] == pytest.approx(metrics[name]["test/psnr"])
         assert scored["ckpt_path"] == manifest["products"]["cresmd_ckpt" if name == "CResMD" else "tasnet_ckpt"]
+
+
+def test_evaluate_adds_the_blind_studies_of_both_models(tiny_run):
+    run_dir, _, manifest = tiny_run
+    table = (run_dir / "evaluate" / "comparison.md").read_text()
+    blind = manifest["stages"]["evaluate"]["products"]["blind"]
+    assert list(blind) == ["blind_artifacts", "blind_modulation", "blind_oversmoothing"]
+    for protocol, quality in blind.items():
+        assert f"### {protocol}" in table
+        assert set(quality) == {"CResMD", "TASNet"}
+        # the summary equals what the study itself wrote in its own folder
+        written = json.loads((run_dir / "evaluate" / protocol / "comparison.json").read_text())
+        assert quality == {m["name"]: {k: m[k] for k in written["metrics"]} for m in written["models"]}
+        assert (run_dir / "evaluate" / protocol / f"{protocol}.png").is_file()
 
 
 def test_the_search_decides_over_a_declared_task_set(tiny_run):

@@ -10,7 +10,9 @@ Stages, in order, each a job of its own in a sub-folder of the pipeline's run di
   4. ``finetune`` fine-tune the derived network (``model.derived_ckpt``; its best checkpoint);
   5. ``evaluate`` ``cirlab-eval`` of CResMD (and the baseline, when there is one) and TASNet on
                   the same test grid, side by side in ``evaluate/comparison.md`` (PSNR, SSIM and
-                  FLOPs per task), each labelled with the ground truth it was trained with;
+                  FLOPs per task), each labelled with the ground truth it was trained with, and
+                  the blind-setting studies of ``pipeline.evaluate.blind`` on the same models
+                  (``evaluate/<protocol>/``, summarised in the same file);
   6. ``bench``    ``cirlab-bench cost`` of CResMD, TASNet and naive sharing on the 27-point workload.
 
 Before the first stage runs, every stage's config is composed and validated, and every given
@@ -146,6 +148,26 @@ def _eval_overrides(spec: dict, seed: int, ckpt: str | None = None) -> list[str]
             *([f"ckpt_path={ckpt}"] if ckpt else [])]
 
 
+def _blind_protocols(spec: dict) -> list[str]:
+    """``pipeline.evaluate.blind``: names of ``conf/protocol/`` blind studies (may be empty)."""
+    value = (spec.get("evaluate") or {}).get("blind") or []
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise PipelineError(f"pipeline.evaluate.blind={value!r}: give a list of protocol names, "
+                            "e.g. [blind_artifacts, blind_modulation, blind_oversmoothing], or []")
+    return list(value)
+
+
+def _blind_overrides(spec: dict, seed: int, protocol: str, checkpoints: dict[str, str]) -> list[str]:
+    """The ``cirlab-eval`` overrides of one blind study over ``checkpoints`` ({label: path})."""
+    for name, path in checkpoints.items():
+        if "'" in str(path) or "\\" in str(path):
+            raise PipelineError(f"{name} checkpoint {path}: a quote or backslash in the path cannot be passed to "
+                                "cirlab-eval as a Hydra override; move the file")
+    models = ",".join(f"{name}:'{path}'" for name, path in checkpoints.items())
+    extra = _override_list((spec.get("evaluate") or {}).get("blind_extra"), "pipeline.evaluate.blind_extra")
+    return [*_eval_overrides(spec, seed), f"protocol={protocol}", f"models={{{models}}}", *extra]
+
+
 def _compose(config_name: str, overrides: list[str], folder: Path, what: str) -> DictConfig:
     try:
         cfg = compose_job(config_name, overrides, folder)
@@ -175,6 +197,9 @@ def precheck(spec: dict, seed: int, run_dir: Path) -> None:
                 _compose("train", _train_overrides(spec, stage, seed, links[stage]), run_dir / stage, stage)
         elif stage == "evaluate":
             _compose("eval", _eval_overrides(spec, seed, "placeholder.ckpt"), run_dir / stage, stage)
+            for protocol in _blind_protocols(spec):
+                _compose("eval", _blind_overrides(spec, seed, protocol, {"CResMD": "placeholder.ckpt"}),
+                         run_dir / stage / protocol, f"{stage} ({protocol})")
 
 
 # --------------------------------------------------------------------------- stages
@@ -277,12 +302,41 @@ def _run_evaluate(stage: Stage, spec: dict, seed: int, checkpoints: dict[str, st
     table = comparison_table({name: result.metrics for name, result in scored.items()},
                              {name: result.per_task for name, result in scored.items()}, _flops_per_task(checkpoints),
                              labels)
+    blind = _run_blind_studies(stage, spec, seed, checkpoints)
+    if blind:
+        table += "\n## Blind-setting studies (docs/method.md section 7)\n\n" + "\n\n".join(
+            f"### {protocol}\n\n{text}" for protocol, (text, _) in blind.items())
     path = stage.folder / "comparison.md"
     write_text_atomically(path, table)
     log.info("CResMD and TASNet side by side:\n%s", table)
     return {"comparison_md": str(path), "labels": labels,
             "metrics": {name: {k: v for k, v in r.metrics.items() if "_grid/" not in k} for name, r in scored.items()},
+            "blind": {protocol: quality for protocol, (_, quality) in blind.items()},
             "run_dirs": {name: str(stage.folder / name.lower()) for name in checkpoints}}
+
+
+def _run_blind_studies(stage: Stage, spec: dict, seed: int,
+                       checkpoints: dict[str, str]) -> dict[str, tuple[str, dict]]:
+    """Each protocol of ``pipeline.evaluate.blind`` as one ``cirlab-eval`` comparison of
+    ``checkpoints`` in ``<stage>/<protocol>/``; returns {protocol: (its comparison.md text,
+    {model: {number: value}})}."""
+    from cirlab.evaluation.compare import run_eval
+
+    out = {}
+    for protocol in _blind_protocols(spec):
+        folder = stage.folder / protocol
+        overrides = _blind_overrides(spec, seed, protocol, checkpoints)
+        cfg = compose_job("eval", overrides, folder)
+        write_job_files(cfg, overrides, folder)
+        try:
+            result = run_eval(cfg)
+        finally:
+            finish_wandb()
+        # the JSON form: an undefined number (NaN) is null there, as in the study's own files
+        written = result.comparison.to_json()
+        quality = {model["name"]: {m: model[m] for m in written["metrics"]} for model in written["models"]}
+        out[protocol] = (result.paths[0].read_text(), quality)
+    return out
 
 
 def _flops_per_task(checkpoints: dict[str, str], height: int = 720, width: int = 1280) -> dict[str, dict]:
