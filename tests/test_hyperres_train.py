@@ -82,7 +82,8 @@ def test_paper_recipe_matches_method_md():
 
 @pytest.mark.parametrize("experiment", HYPERRES_EXPERIMENTS)
 def test_every_hyperres_experiment_runs_one_tiny_step(experiment, tmp_path, shared_cache):
-    cfg = run_cfg(tmp_path, shared_cache, experiment)
+    # test=true: a recipe that leaves testing to a later command (hyperres_3d_compare) is tested here too
+    cfg = run_cfg(tmp_path, shared_cache, experiment, "test=true")
     metrics = train(cfg)
     assert metrics["train/l1"] > 0 and metrics["test/psnr"] > 0
     assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
