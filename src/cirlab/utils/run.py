@@ -288,6 +288,10 @@ class RunDirClaim(HydraCallback):
     def __init__(self) -> None:
         self._claim: contextlib.AbstractContextManager | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # submitit pickles Hydra's callbacks with each job: the claim stays with this process
+        return {**self.__dict__, "_claim": None}
+
     def _enter(self, folder: str) -> None:
         claim = claim_run_dir(folder)
         try:
