@@ -13,7 +13,8 @@
 # On the lent machine (whose image has torch and lightning but not hydra/kornia): first, here,
 #   scripts/gpu_site.sh
 # then call the device tool's run with carry [".gpu_site"] and the command
-#   PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh "$OUT"
+#   CIRLAB_REV=<git rev-parse --short HEAD here> bash scripts/gpu_check.sh "$OUT"
+# (timeout_s 560: the script stops itself within GPU_CHECK_BUDGET + ~60 s of start-up)
 # and copy what comes back (train.json, data.json, cost/, gpu_check.log) into docs/bench/ (merge the
 # JSON keys) and the printed tables into docs/results.md.
 #
@@ -55,7 +56,9 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run under min(LIMIT, what is l
     else echo "=== $name: done at ${SECONDS} s"; fi
 }
 
-echo "=== environment ($(date -u '+%Y-%m-%d %H:%M UTC'), rev $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
+# the copy on the device machine may come without .git: the caller passes its revision (CIRLAB_REV=...)
+REV=${CIRLAB_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "=== environment ($(date -u '+%Y-%m-%d %H:%M UTC'), rev $REV)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
 $PY - <<'EOF' | tee "$OUTDIR/env.txt"
 import os, platform, torch
