@@ -198,6 +198,11 @@ def test_the_hydra_callback_stops_a_job_aimed_at_a_live_jobs_folder(tmp_path):
         sleeper.kill()
         sleeper.wait()
     assert json.loads((folder / OWNER_FILE).read_text())["pid"] == os.getpid()
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(holder))  # submitit pickles Hydra's callbacks with each job
+    copy.on_run_end(config)  # a copy does not hold the claim: it cannot release it
+    assert (folder / OWNER_FILE).exists()
     holder.on_run_end(config)
     assert not (folder / OWNER_FILE).exists()
 
