@@ -282,6 +282,26 @@ def test_two_folders_with_same_names_sizes_and_mtimes_get_their_own_cache(tmp_pa
     assert len(reuse) == 1 and str(tmp_path / "setB" / "val") in reuse[0] and str(cache) in reuse[0]
 
 
+def test_hyperres_level_sets_of_two_look_alike_folders_get_their_own_cache(tmp_path):
+    from cirlab.data.hyperres import LevelSetSpec, build_level_set
+
+    for folder, seed in (("setA", 1), ("setB", 2)):
+        write_uncompressed(tmp_path / folder / "val" / "a.png", seed)
+    a, b = tmp_path / "setA" / "val" / "a.png", tmp_path / "setB" / "val" / "a.png"
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    cache = tmp_path / "cache"
+
+    def level_set(folder, cache_dir):
+        return build_level_set(LevelSetSpec(folder=str(tmp_path / folder / "val"), task="denoise", levels=[15]),
+                               cache_dir, progress=False)
+
+    level_set("setA", cache)
+    second = level_set("setB", cache)
+    assert len(list(cache.glob("*.pt"))) == 2
+    assert torch.equal(second["clean"][0], level_set("setB", None)["clean"][0])
+    assert torch.equal(level_set("setB", cache)["inputs"][0], second["inputs"][0])  # reused, same pixels
+
+
 def test_a_file_changed_in_place_with_its_old_size_and_mtime_is_not_served_from_the_cache(tmp_path):
     image = tmp_path / "val" / "a.png"
     write_uncompressed(image, 1)

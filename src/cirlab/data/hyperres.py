@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from cirlab.checkpoints import read_torch_file, save_torch_file
+from cirlab.checkpoints import save_torch_file
 from cirlab.data.degradations import KERNEL_SIZE, jpeg_roundtrip
 from cirlab.data.image_files import center_crop
 from cirlab.data.loading import (
@@ -91,7 +91,7 @@ from cirlab.metrics.fidelity import CHANNELS
 log = logging.getLogger(__name__)
 
 # 2: SR inputs map the downscale with s exactly (cv2.resize(fx=1/s)); version 1 sets are regenerated
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: keyed by content (sources)
 #: Column of the level tables holding each level scored by the dedicated network trained at it.
 ENVELOPE = "dedicated (own level)"
 
@@ -251,15 +251,22 @@ def build_level_set(spec: LevelSetSpec, cache_dir: str | Path | None, progress: 
     Returns ``names``, ``clean`` (list of uint8 (3, H, W)), ``inputs`` (list of uint8 (G, 3, H, W)),
     ``levels`` ((G,) float64, physical) and ``task``.
     """
+    from cirlab.data.evalsets import load_cache, source_fingerprint
+
     paths = _paths(spec)
     levels = get_task(spec.task).check(spec.levels, f"{spec.config_key} levels")
-    meta = {"version": FORMAT_VERSION, "task": spec.task, "levels": levels, "max_images": spec.max_images,
-            "crop": spec.crop, "seed": spec.seed,
-            "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in paths]}
-    key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    cache_file = Path(cache_dir) / f"{Path(spec.folder).name}-{spec.task}{len(levels)}-{key}.pt" if cache_dir else None
-    if cache_file is not None and cache_file.exists():
-        return read_torch_file(cache_file, what="evaluation-set cache (delete it to regenerate)")
+    cache_file = sources = None
+    if cache_dir:
+        # keyed by the images' content, as the grid's evaluation sets: two folders with the same
+        # file names, sizes and times are two caches
+        sources = source_fingerprint(paths)
+        meta = {"version": FORMAT_VERSION, "task": spec.task, "levels": levels, "max_images": spec.max_images,
+                "crop": spec.crop, "seed": spec.seed, "files": sources}
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+        cache_file = Path(cache_dir) / f"{Path(spec.folder).name}-{spec.task}{len(levels)}-{key}.pt"
+        cached = load_cache(cache_file, sources, spec.folder)
+        if cached is not None:
+            return cached
     from tqdm.auto import tqdm
 
     names, clean, inputs = [], [], []
@@ -271,7 +278,8 @@ def build_level_set(spec: LevelSetSpec, cache_dir: str | Path | None, progress: 
     data = {"names": names, "clean": clean, "inputs": inputs, "levels": torch.tensor(levels, dtype=torch.float64),
             "task": spec.task}
     if cache_file is not None:
-        save_torch_file(data, cache_file)
+        save_torch_file({**data, "sources": [list(x) for x in sources], "folder": str(Path(spec.folder).resolve())},
+                        cache_file)
     return data
 
 
