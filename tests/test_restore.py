@@ -188,7 +188,7 @@ def test_analytic_flops_equal_the_counted_flops_of_restore(shared, empty_shared,
 
 def test_parse_tasks_and_contact_sheet():
     assert torch.equal(parse_tasks("0,0.3,0; 1,1,0"), torch.tensor([[0.0, 0.3, 0.0], [1.0, 1.0, 0.0]]))
-    for bad in ("0,0.3", "a,b,c", "0,2,0", ""):
+    for bad in ("0,0.3", "a,b,c", "0,2,0", "", "nan,0,0", "0,inf,0"):
         with pytest.raises(ValueError):
             parse_tasks(bad)
     sheet = contact_sheet([torch.rand(3, 40, 60)] * 5, [f"t{i}" for i in range(5)], thumb=30)

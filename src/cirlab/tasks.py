@@ -243,8 +243,8 @@ def parse_tasks(text: str, cond_dim: int = 3) -> Tensor:
     if not values or any(len(row) != cond_dim for row in values):
         raise ValueError(f"--tasks {text!r}: every task vector needs {cond_dim} values")
     tasks = torch.tensor(values, dtype=torch.float32)
-    if (tasks < 0).any() or (tasks > 1).any():
-        raise ValueError(f"--tasks {text!r}: values must lie in [0, 1]")
+    if not torch.isfinite(tasks).all() or (tasks < 0).any() or (tasks > 1).any():  # NaN compares false
+        raise ValueError(f"--tasks {text!r}: values must be numbers in [0, 1]")
     return tasks
 
 
