@@ -13,7 +13,7 @@ ARGS ?=
 # Makefile's own are passed to Hydra as overrides.
 OVERRIDES := $(filter-out ARGS=% PYTEST_FLAGS=% TORCH_SPEC=% PYTHON=% VENV=%,$(MAKEOVERRIDES))
 
-.PHONY: help install test test-fast train fit eval data bench-data bench-cost bench-train lint clean
+.PHONY: help install test test-fast train fit eval compare data bench-data bench-cost bench-train lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,7 +53,7 @@ bench-data: $(STAMP)  ## training-pipeline throughput (pairs/s) on CPU and GPU; 
 bench-cost: $(STAMP)  ## FLOPs and latency of CResMD/TSNet/TASNet/naive sharing on the 27-point workload; docs/bench/cost/
 	$(BIN)/cirlab-bench cost $(ARGS)
 
-bench-train:  ## training steps/s per module at paper size, projected recipe wall times; docs/bench/train.json (ARGS="--variants fp32,bf16+cl")
+bench-train: $(STAMP)  ## training steps/s per module at paper size, projected recipe wall times; docs/bench/train.json (ARGS="--variants fp32,bf16+cl")
 	$(BIN)/cirlab-bench train $(ARGS)
 
 clean:  ## remove caches and run directories (not .venv)
