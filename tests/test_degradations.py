@@ -351,12 +351,17 @@ def test_degrade_patches_equal_degrading_the_whole_crops_then_cutting(device: st
     b, size, patch = 6, 56, 24
     clean = _natural_crops(b, size).to(device)
     levels = _patch_levels(2 * b, seed=1).to(device)
+    levels[b : b + 2] = levels[:2]  # input and target levels equal: the image is made once and copied
     offsets = torch.randint(0, size - patch + 1, (b, 2), generator=torch.Generator().manual_seed(2)).to(device)
     field = torch.randn(clean.shape, generator=torch.Generator().manual_seed(3)).to(device)
     out = D.degrade_patches(clean, levels, offsets, patch, noise_field=field, blur_backend=backend)
     whole = degrade(torch.cat([clean, clean]), levels, noise_field=torch.cat([field, field]), blur_backend=backend)
     assert out.shape == (2 * b, 3, patch, patch) and out.dtype == clean.dtype and out.device == clean.device
     assert torch.equal(out, cut_patches(whole, torch.cat([offsets, offsets]), patch))
+    assert torch.equal(out[b : b + 2], out[:2])
+    three = D.degrade_patches(clean, torch.cat([levels, levels[:b]]), offsets, patch, noise_field=field,
+                              blur_backend=backend)
+    assert torch.equal(three, torch.cat([out, out[:b]]))
     one = D.degrade_patches(clean, levels[:b], offsets, patch, noise_field=field, blur_backend=backend)
     assert torch.equal(one, cut_patches(degrade(clean, levels[:b], noise_field=field, blur_backend=backend), offsets, patch))
     drawn = D.degrade_patches(clean, levels, offsets, patch, generator=torch.Generator(device=device).manual_seed(4),

@@ -133,7 +133,10 @@ def bench_pairs(
     ``num_threads``: if given, torch's intra-op thread count is set to it for the measurement
     and restored afterwards (``None``: leave it as it is). DataLoader workers run with one
     thread each, and on a busy 2-core machine 2 threads can be far slower than 1 for these
-    small tensors, so ``num_threads=1`` is the relevant figure when pairs are made in workers.
+    small tensors (10-200 pairs/s against about 1,000 under the same load, 2026-11-29), so
+    ``num_threads=1`` (or ``OMP_NUM_THREADS=1``) is the relevant figure on a shared machine.
+    Pair synthesis on CPU uses a second core anyway: the noise field is drawn on a helper
+    thread while the crops are blurred (:func:`cirlab.data.degradations.degrade_patches`).
 
     Returns:
         dict with ``pairs_per_s`` (float), ``images_per_s`` (2 per pair), ``iterations``,

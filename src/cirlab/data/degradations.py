@@ -629,7 +629,7 @@ def degrade(
     Raises:
         ValueError: wrong shapes or dtypes, ``clean`` outside [0, 1], levels outside [0, 1].
     """
-    pixels, quality = _blur_noise_quantize(clean, levels, generator, noise_field, blur_backend, copies=False)
+    pixels, quality = _blur_noise_quantize(clean, levels, generator, noise_field, blur_backend)
     return jpeg_roundtrip(pixels, quality).to(clean.dtype).div_(255.0)
 
 
@@ -668,10 +668,25 @@ def degrade_patches(
         ``(k * B, 3, P, P)`` tensor with ``clean``'s dtype and device, values ``k / 255``.
     """
     _check_images(clean, "clean", check_range=False)
-    _patch_corners(offsets, clean.shape[0], *clean.shape[-2:], patch_size)  # bad offsets fail before any work
-    pixels, quality = _blur_noise_quantize(clean, levels, generator, noise_field, blur_backend, copies=True)
-    offsets = offsets.repeat(pixels.shape[0] // clean.shape[0], 1)  # every copy of a crop has its offset
-    return jpeg_roundtrip_patches(pixels, quality, offsets, patch_size).to(clean.dtype).div_(255.0)
+    b = clean.shape[0]
+    _patch_corners(offsets, b, *clean.shape[-2:], patch_size)  # bad offsets fail before any work
+    if not isinstance(levels, Tensor) or levels.ndim != 2 or levels.shape[1] != 3 or levels.shape[0] % b \
+            or levels.shape[0] == 0:
+        shape = tuple(levels.shape) if isinstance(levels, Tensor) else type(levels).__name__
+        raise ValueError(f"levels must have shape (k * {b}, 3), k level sets for the {b} crops, got {shape}")
+    # A row that repeats an earlier row's crop and levels (a pair whose input and target levels are
+    # equal: ~18% of relative-GT pairs) is the same image: made once, then copied.
+    first: dict[tuple, int] = {}
+    source = [first.setdefault((j % b, *row), j) for j, row in enumerate(levels.tolist())]
+    rows = sorted(set(source))
+    crop_of = torch.tensor(rows, device=clean.device) % b
+    pixels, quality = _blur_noise_quantize(clean, levels[torch.tensor(rows, device=levels.device)], generator,
+                                           noise_field, blur_backend, crop_of=crop_of)
+    patches = jpeg_roundtrip_patches(pixels, quality, offsets[crop_of.to(offsets.device)], patch_size)
+    if len(rows) < len(source):
+        position = {j: i for i, j in enumerate(rows)}
+        patches = patches[torch.tensor([position[j] for j in source], device=patches.device)]
+    return patches.to(clean.dtype).div_(255.0)
 
 
 def _blur_noise_quantize(
@@ -680,22 +695,18 @@ def _blur_noise_quantize(
     generator: torch.Generator | None,
     noise_field: Tensor | None,
     blur_backend: str,
-    copies: bool,
+    crop_of: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Steps 1-2 of :func:`degrade` (validated): the uint8 ``(N, 3, H, W)`` images and the ``(N,)``
-    qualities. ``copies``: ``(k * B, 3)`` levels allowed, ``N = k * B`` (row ``j``: crop ``j mod
-    B``, sharing its noise); otherwise levels must be ``(B, 3)``."""
+    qualities. ``crop_of``: optional ``(N,)`` crop index of each row of ``(N, 3)`` levels (rows of
+    one crop share its noise); without it levels must be ``(B, 3)``, one row per crop."""
     _check_images(clean, "clean")
     validate_task_levels(levels, "levels")
     b = clean.shape[0]
-    n = levels.shape[0] if levels.ndim == 2 else -1
-    if not copies and levels.shape != (b, 3):
+    n = levels.shape[0] if crop_of is not None else b
+    if levels.shape != (n, 3):
         raise ValueError(
             f"levels must have shape ({b}, 3) to match clean, got {tuple(levels.shape)}"
-        )
-    if levels.ndim != 2 or levels.shape[1] != 3 or n < b or n % b:
-        raise ValueError(
-            f"levels must have shape (k * {b}, 3), k level sets for the {b} crops, got {tuple(levels.shape)}"
         )
     if noise_field is not None:
         if not isinstance(noise_field, Tensor) or noise_field.shape != clean.shape:
@@ -718,8 +729,7 @@ def _blur_noise_quantize(
     if blur_backend not in _BLUR_BACKENDS:
         raise ValueError(f"backend={blur_backend!r} must be one of {', '.join(map(repr, _BLUR_BACKENDS))}")
 
-    # the crops as n images (a view when k = 1; the blur reads only the rows it blurs)
-    crop_of = torch.arange(n, device=clean.device) % b if n > b else None
+    # the crops as n images without copying them (the blur reads only the rows it blurs)
     images = clean if crop_of is None else _RepeatedCrops(clean, crop_of)
     noisy = bool((s > 0).any())
     drawing = None
@@ -745,24 +755,27 @@ def _blur_noise_quantize(
     # instead of several whole-batch temporaries. Blurred samples come from `blurred`.
     out = torch.empty((n, *clean.shape[1:]), dtype=torch.uint8, device=clean.device)
     per_image = clean[0].numel()
-    step = b if clean.device.type != "cpu" else max(1, min(b, _CHUNK_ELEMENTS // per_image))
+    step = n if clean.device.type != "cpu" else max(1, min(n, _CHUNK_ELEMENTS // per_image))
     buffer = torch.empty((step, *clean.shape[1:]), dtype=clean.dtype, device=clean.device)
     row_of = {} if idx is None else {i: k for k, i in enumerate(idx.tolist())}  # image -> row of `blurred`
-    for base in range(0, n, b):  # chunks never straddle two copies of the crops
-        for start in range(0, b, step):
-            stop = min(b, start + step)
-            x = buffer[: stop - start]
-            if blurred is not None and idx is None:
-                x.copy_(blurred[base + start : base + stop])
-            else:
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        x = buffer[: stop - start]
+        if blurred is not None and idx is None:
+            x.copy_(blurred[start:stop])
+        else:
+            if crop_of is None:
                 x.copy_(clean[start:stop])
-                for j in range(start, stop):
-                    if base + j in row_of:
-                        x[j - start].copy_(blurred[row_of[base + j]])
-            if noisy:
-                x.addcmul_(noise_field[start:stop], scale[base + start : base + stop])
-                # quantize_uint8 done in place (x is finite; the clamp after rounding is the same)
-                out[base + start : base + stop].copy_(x.mul_(255.0).round_().clamp_(0.0, 255.0))
             else:
-                out[base + start : base + stop].copy_(quantize_uint8(x))
+                torch.index_select(clean, 0, crop_of[start:stop], out=x)
+            for j in range(start, stop):
+                if j in row_of:
+                    x[j - start].copy_(blurred[row_of[j]])
+        if noisy:
+            field = noise_field[start:stop] if crop_of is None else noise_field.index_select(0, crop_of[start:stop])
+            x.addcmul_(field, scale[start:stop])
+            # quantize_uint8 done in place (x is finite; the clamp after rounding is the same)
+            out[start:stop].copy_(x.mul_(255.0).round_().clamp_(0.0, 255.0))
+        else:
+            out[start:stop].copy_(quantize_uint8(x))
     return out, quality
