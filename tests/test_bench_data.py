@@ -20,3 +20,20 @@ def test_a_rate_measured_on_a_slow_cpu_scales_up_to_the_reference():
     assert scaled_to_reference(1000.0, REFERENCE_GFLOPS) == pytest.approx(1000.0)
     with pytest.raises(ValueError, match="gflops"):
         scaled_to_reference(1000.0, 0.0)
+
+
+def test_bench_data_command_records_its_threads_and_scaled_figures(tmp_path):
+    import json
+
+    from cirlab.cli.bench import main
+
+    out = tmp_path / "data.json"
+    assert main(["data", "--seconds", "0.2", "--num-workers", "0", "--threads", "1", "--out", str(out)]) == 0
+    (record,) = json.loads(out.read_text()).values()
+    assert record["command"] == f"cirlab-bench data --seconds 0.2 --num-workers 0 --threads 1 --out {out}"
+    (row,) = [r for r in record["results"] if r["device"] == "cpu"]
+    assert row["torch_threads"] == 1 and row["num_workers"] == 0
+    gflops = record["matmul"]["gflops_used"]
+    assert row["synthesis_pairs_per_s_at_reference"] == pytest.approx(row["synthesis_pairs_per_s"] * 120 / gflops)
+    with pytest.raises(SystemExit, match="--threads 0"):
+        main(["data", "--seconds", "0.2", "--threads", "0", "--out", str(out)])

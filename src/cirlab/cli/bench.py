@@ -54,14 +54,23 @@ from cirlab.utils.run import write_json_atomically
 def run_data(args: argparse.Namespace) -> int:
     from cirlab.bench.data import REFERENCE_GFLOPS, bench_pairs, bench_pipeline, matmul_gflops, scaled_to_reference
 
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"cirlab-bench data: --threads {args.threads} must be >= 1")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     matmul_before = matmul_gflops(threads=2)  # the CPU's speed now, to scale CPU figures to the reference
     rows = []
-    for device in devices:
-        synthesis = bench_pairs(device=device, seconds=args.seconds)
-        pipeline = bench_pipeline(device, seconds=args.seconds, num_workers=args.num_workers)
-        rows.append({"device": device, "synthesis_pairs_per_s": synthesis["pairs_per_s"],
-                     "pipeline_pairs_per_s": pipeline["pairs_per_s"], "num_workers": args.num_workers})
+    previous_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        for device in devices:
+            synthesis = bench_pairs(device=device, seconds=args.seconds)
+            pipeline = bench_pipeline(device, seconds=args.seconds, num_workers=args.num_workers)
+            rows.append({"device": device, "synthesis_pairs_per_s": synthesis["pairs_per_s"],
+                         "pipeline_pairs_per_s": pipeline["pairs_per_s"], "num_workers": args.num_workers,
+                         "torch_threads": torch.get_num_threads()})
+    finally:
+        torch.set_num_threads(previous_threads)
     matmul_after = matmul_gflops(threads=2)
     gflops = (matmul_before["gflops_median"] + matmul_after["gflops_median"]) / 2
     for row in rows:
@@ -69,7 +78,7 @@ def run_data(args: argparse.Namespace) -> int:
             row["synthesis_pairs_per_s_at_reference"] = scaled_to_reference(row["synthesis_pairs_per_s"], gflops)
             row["pipeline_pairs_per_s_at_reference"] = scaled_to_reference(row["pipeline_pairs_per_s"], gflops)
     record = {
-        "command": "cirlab-bench data " + " ".join(sys.argv[2:]),
+        "command": "cirlab-bench " + " ".join(args.argv),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "revision": git_revision(),
         "machine": machine_description(),
@@ -87,6 +96,8 @@ def run_data(args: argparse.Namespace) -> int:
           f"{record['machine']['cpu_count']} CPU cores{', ' + record['machine'].get('gpu', '') if 'gpu' in record['machine'] else ''})")
     print(f"2-thread fp32 2048x2048 matmul: {matmul_before['gflops_median']:.0f} GFLOP/s before, "
           f"{matmul_after['gflops_median']:.0f} after; CPU rates scaled to {REFERENCE_GFLOPS:.0f} GFLOP/s in brackets")
+    print(f"pairs made with {rows[0]['torch_threads']} intra-op thread(s) (--threads; 1 is the relevant figure on "
+          "a shared 2-core machine, where two threads on these small operations can be several times slower)")
     print("| device | pair synthesis (pairs/s) | whole pipeline (pairs/s) |\n|---|---|---|")
     for row in rows:
         scaled = row["device"] == "cpu"
@@ -114,7 +125,7 @@ def run_search_step(args: argparse.Namespace) -> int:
             nf, nb = SEARCH_SIZES[size]
             rows.append({"size": size, **bench_search_step(nf=nf, nb=nb, repeats=args.repeats, device=device)})
     record = {
-        "command": "cirlab-bench search-step " + " ".join(sys.argv[2:]),
+        "command": "cirlab-bench " + " ".join(args.argv),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "revision": git_revision(), "machine": machine_description(), "results": rows,
     }
@@ -261,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     data = sub.add_parser("data", help="training-pipeline throughput (pairs/s)")
     data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
     data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers for the whole-pipeline figure")
+    data.add_argument("--threads", type=int, default=None,
+                      help="torch intra-op threads while pairs are made (default: torch's setting, e.g. OMP_NUM_THREADS)")
     data.add_argument("--out", default="docs/bench/data.json", help="JSON file the figures are merged into")
     data.set_defaults(func=run_data)
     search = sub.add_parser("search-step", help="TASNet search step vs plain CResMD step")
