@@ -21,7 +21,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install $(TORCH_SPEC) || $(BIN)/pip install torch torchvision
-	$(BIN)/pip install -e ".[test,sweep,iqa]"
+	$(BIN)/pip install -e ".[test,sweep,iqa,lint]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)  ## create .venv and install cirlab with its test, sweep and iqa extras
