@@ -13,7 +13,7 @@ ARGS ?=
 # Makefile's own are passed to Hydra as overrides.
 OVERRIDES := $(filter-out ARGS=% PYTEST_FLAGS=% TORCH_SPEC=% PYTHON=% VENV=%,$(MAKEOVERRIDES))
 
-.PHONY: help install test test-fast train fit eval compare data bench-data bench-cost bench-train lint clean
+.PHONY: help install test test-fast train fit eval compare data bench-data bench-cost bench-train gpu-check lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ bench-cost: $(STAMP)  ## FLOPs and latency of CResMD/TSNet/TASNet/naive sharing 
 
 bench-train: $(STAMP)  ## training steps/s per module at paper size, projected recipe wall times; docs/bench/train.json (ARGS="--variants fp32,bf16+cl")
 	$(BIN)/cirlab-bench train $(ARGS)
+
+gpu-check: $(STAMP)  ## every GPU check in <= 8 min (CUDA tests, data, training, Table-1 latency); a dry run without CUDA (ARGS=<out folder>)
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/gpu_check.sh $(ARGS)
 
 clean:  ## remove caches and run directories (not .venv)
 	rm -rf logs .cache .pytest_cache
