@@ -265,8 +265,8 @@ def test_tasnet_a_takes_the_architecture_of_the_search_and_the_weights_of_anothe
 def test_naive_variants_have_the_papers_flops_fractions():
     """TASNet Table 4: 132.0 / 69.5 / 7.0 G of CResMD's 189.1 G (27-point workload): the first 24,
     48 and 67 maps at nb = 32; counting 31 / 62% of the 68 convolutions would give 0.733 / 0.453."""
-    from cirlab.archs.tasnet import TABLE4_FLOPS, naive_flops_fraction, table4_shared_maps
     from cirlab.archs.flops import cresmd_flops
+    from cirlab.archs.tasnet import TABLE4_FLOPS, naive_flops_fraction, table4_shared_maps
 
     paper = {0.31: 132.0 / 189.1, 0.62: 69.5 / 189.1, 0.99: 7.0 / 189.1}
     assert TABLE4_FLOPS == pytest.approx(paper)

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
-from cirlab.data.degradations import jpeg_roundtrip
 from torch.utils.data import default_collate
 
+from cirlab.data.degradations import jpeg_roundtrip
 from cirlab.data.hyperres import (
     TASKS,
     LevelDataModule,

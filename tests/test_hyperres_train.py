@@ -120,7 +120,7 @@ def trained(tmp_path_factory):
     cache = root / "cache"
     paths = {}
     for name, experiment, extra in (("hyperres", "hyperres_denoise", []), ("dedicated", "hyperres_dedicated", ["dedicated_level=25"])):
-        cfg = run_cfg(root, cache, experiment, "trainer.max_steps=2", "test=false", run=name)
+        cfg = run_cfg(root, cache, experiment, "trainer.max_steps=2", "test=false", *extra, run=name)
         train(cfg)
         paths[name] = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     paths["heldout"] = cache / "embedded" / "heldout"
@@ -149,7 +149,7 @@ def test_mixed_level_sweep_equals_one_level_at_a_time(trained):
     from cirlab.evaluation.levels import evaluate_levels, load_level_model
 
     model = load_level_model(str(trained["hyperres"]))
-    kwargs = dict(levels=[10, 40, 95], crop=40, progress=False)
+    kwargs = {"levels": [10, 40, 95], "crop": 40, "progress": False}
     chunked = evaluate_levels([model], "denoise", trained["heldout"], chunk=3, **kwargs)
     single = evaluate_levels([model], "denoise", trained["heldout"], chunk=1, **kwargs)
     assert chunked["psnr"]["HyperRes [15,35,55,75]"] == pytest.approx(single["psnr"]["HyperRes [15,35,55,75]"], abs=1e-6)

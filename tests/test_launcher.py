@@ -215,7 +215,7 @@ def test_sigusr1_saves_requeues_and_the_restarted_job_resumes_from_the_hpc_check
     scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     scontrol.chmod(0o755)
     run_dir = tmp_path / "run"
-    slurm = {key: value for key, value in SLURM_RANK5.items()}
+    slurm = dict(SLURM_RANK5)
     slurm.update(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="1", SLURM_PROCID="0", SLURM_LOCALID="0",
                  SLURM_NODEID="0", SLURM_NODELIST="localhost", SLURM_JOB_ID="777")
     env = {**os.environ, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}", "WANDB_MODE": "disabled"}

@@ -73,7 +73,7 @@ def test_two_point_sweep_through_the_real_config(tmp_path, shared_cache):
     for job in jobs:
         assert "search/gflops_27_hd" in json.loads((job / "metrics.json").read_text())
     summary = (tmp_path / "sweep" / "summary.md").read_text()  # written by the multirun's end callback
-    assert summary.count("model.lambda1") >= 1 and len([l for l in summary.splitlines() if l.startswith("| ")]) >= 3
+    assert summary.count("model.lambda1") >= 1 and len([line for line in summary.splitlines() if line.startswith("| ")]) >= 3
     assert (tmp_path / "sweep" / "pareto.png").stat().st_size > 10_000
 
 

@@ -54,9 +54,7 @@ def load_search_net(path: str | Path):
     """The ``TASNetSearchNet`` of a ``TASNetSearch`` checkpoint (network hyper-parameters from
     the checkpoint's ``hyper_parameters.net``; weights and buffers from ``net.*``)."""
     from cirlab.archs.tasnet_search import TASNetSearchNet
-    from cirlab.checkpoints import net_state_dict, read_checkpoint, resolve_target
-
-    from cirlab.checkpoints import CheckpointError
+    from cirlab.checkpoints import CheckpointError, net_state_dict, read_checkpoint, resolve_target
 
     path = Path(path)
     what = "TASNet search checkpoint (checkpoints/last.ckpt of a model=tasnet_search run)"

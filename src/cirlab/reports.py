@@ -180,7 +180,7 @@ def quality_flops_tables(result) -> tuple[str, str]:
              f"Workload: {workload['text']}. FLOPs: analytic, 2 per multiply-add, convolutions (and HyperRes's "
              "weight generation); TASNet's shared prefix once per image; per inference = workload / "
              f"{workload['tasks']} task vectors.", ""]
-    lines += [note for note in result.notes] + ([""] if result.notes else [])
+    lines += list(result.notes) + ([""] if result.notes else [])
     header = ["model", "kind", *[m.upper() if m in ("psnr", "ssim") else m for m in metrics],
               "GFLOPs (workload)", "GFLOPs / inference", f"FLOPs vs {names[0]}" if names else "FLOPs vs first"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -262,7 +262,7 @@ def bench_cost(models: Mapping[str, nn.Module], resolutions: Sequence[tuple[int,
                 net.to("cpu")
     finally:
         torch.set_num_threads(saved_threads)
-    for name, per_res in results.items():
+    for per_res in results.values():
         for key, entry in per_res.items():
             base = results[reference][key]
             flops_ratio = base["flops"]["total"] / max(entry["flops"]["total"], 1)

@@ -46,7 +46,7 @@ class TaskGridPicture(L.Callback):
         self.seed = seed
         self.last_path: Path | None = None
 
-    def render(self, pl_module: L.LightningModule, clean: torch.Tensor, title: str) -> "object":
+    def render(self, pl_module: L.LightningModule, clean: torch.Tensor, title: str) -> object:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -73,7 +73,7 @@ class TaskGridPicture(L.Callback):
             axes[row, 0].imshow(degraded[0].permute(1, 2, 0).cpu().numpy())
             axes[row, 0].set_title("input" if row == 0 else "", fontsize=8)
             axes[row, 0].set_ylabel(f"restore {name}", fontsize=9)
-            for col, fraction in enumerate(self.fractions):
+            for col in range(len(self.fractions)):
                 task = tasks[row * len(self.fractions) + col]
                 axes[row, col + 1].imshow(outputs[row * len(self.fractions) + col].permute(1, 2, 0).numpy())
                 axes[row, col + 1].set_title("t=(" + ", ".join(f"{v:.2f}" for v in task.tolist()) + ")", fontsize=7)

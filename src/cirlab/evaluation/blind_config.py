@@ -73,7 +73,7 @@ class ArtifactsConfig(_Common):
         self._check_common()
         object.__setattr__(self, "levels", _levels("levels", self.levels))
         try:
-            self.input_levels
+            _ = self.input_levels  # the property raises ValueError on levels out of range
         except ValueError as error:
             _fail("blur/sigma/quality", str(error))
         top = self.input_levels[0]

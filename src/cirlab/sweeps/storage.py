@@ -37,6 +37,7 @@ from pathlib import Path
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RetryHeartbeatStaleTrialCallback
+
 # Optuna's heartbeat interface (read by fail_stale_trials) and the thread its optimize loop runs;
 # the driver's ask/tell loop runs that thread itself (heartbeat_running)
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
