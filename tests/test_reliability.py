@@ -497,3 +497,58 @@ def test_the_user_of_cirlab_train_sees_one_line_naming_the_file(tmp_path, shared
     last = result.stderr.strip().splitlines()
     error = next(line for line in reversed(last) if "CheckpointError" in line)
     assert f"ckpt_path='{path}': cannot be read" in error and "weights_only=False" not in result.stderr
+
+
+# ================================================================ 5. images too small or too large to evaluate
+def test_an_image_too_small_for_ssim_is_refused_by_name_before_anything_is_generated(tmp_path):
+    from cirlab.data.image_files import ImageFolderError
+
+    write_uncompressed(tmp_path / "val" / "fine.png", 1, (12, 12))
+    for name, size in (("dot.png", (1, 1)), ("six.png", (6, 6)), ("eleven.png", (11, 11))):
+        write_uncompressed(tmp_path / "val" / name, 2, size)
+    with pytest.raises(ImageFolderError) as info:
+        build_eval_set(EvalSetSpec(folder=str(tmp_path / "val"), grid="single"), tmp_path / "cache", progress=False)
+    message = str(info.value)
+    # 11x11 is cropped to even sides (10x10) and then no 11x11 SSIM window fits
+    for name in ("dot.png", "six.png", "eleven.png"):
+        assert str(tmp_path / "val" / name) in message and "SSIM window" in message, message
+    assert "fine.png" not in message and "1x1 (HxW)" in message and "6x6 (HxW)" in message
+    assert not (tmp_path / "cache").exists()  # nothing was generated or cached
+    # the smallest usable image passes
+    (tmp_path / "val" / "dot.png").unlink(), (tmp_path / "val" / "six.png").unlink(), (tmp_path / "val" / "eleven.png").unlink()
+    assert build_eval_set(EvalSetSpec(folder=str(tmp_path / "val"), grid="single"), None, progress=False)["clean"][0].shape == (3, 12, 12)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_with_its_size_and_the_limit_unless_cropped(tmp_path):
+    from cirlab.data.evalsets import MAX_EVAL_PIXELS
+    from cirlab.data.image_files import ImageFolderError
+
+    assert MAX_EVAL_PIXELS == 2048 * 2048
+    write_uncompressed(tmp_path / "test" / "big.png", 1, (40, 30))
+    spec = EvalSetSpec(folder=str(tmp_path / "test"), grid="cresmd27", max_pixels=1000, config_key="data.test_dir")
+    with pytest.raises(ImageFolderError) as info:
+        build_eval_set(spec, None, progress=False)
+    message = str(info.value)
+    assert str(tmp_path / "test" / "big.png") in message and "40x30 (HxW)" in message
+    assert "1000 pixels" in message and "27 degraded copies" in message and "data.test_crop" in message
+    cropped = build_eval_set(EvalSetSpec(folder=str(tmp_path / "test"), grid="single", max_pixels=1000, crop=24),
+                             None, progress=False)
+    assert cropped["inputs"][0].shape[1:] == (3, 24, 24)
+
+
+def test_cirlab_eval_refuses_a_6x6_test_image_before_the_model_runs(tmp_path, monkeypatch):
+    from cirlab.data.image_files import ImageFolderError
+    from cirlab.evaluation import grid
+    from cirlab.evaluation.grid import evaluate
+
+    torch.save(cresmd_checkpoint(), tmp_path / "model.ckpt")
+    write_uncompressed(tmp_path / "images" / "tiny.png", 1, (6, 6))
+    ran = []
+    monkeypatch.setattr(grid, "score_grid", lambda *a, **k: ran.append(1))  # records whether scoring was reached
+    cfg = compose("eval", [f"ckpt_path={tmp_path / 'model.ckpt'}", f"data.test_dir={tmp_path / 'images'}",
+                           f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",
+                           f"hydra.run.dir={tmp_path / 'eval'}"])
+    with pytest.raises(ImageFolderError) as info:
+        evaluate(cfg)
+    assert str(tmp_path / "images" / "tiny.png") in str(info.value) and "6x6" in str(info.value)
+    assert not ran

@@ -18,6 +18,15 @@ half-written cache is ever read.
 Images of odd size are cropped (bottom/right) to even size, as the networks need
 (docs/method.md section 6); an optional centre crop (``crop``: exactly ``crop x crop`` when the
 image holds it, else the whole image) keeps validation cheap during training.
+
+Sizes are checked from the file headers when the folder is scanned, before any image is decoded,
+degraded or restored (:func:`check_eval_sizes`): an image whose evaluated size (after the even and
+centre crops) is under :data:`MIN_EVAL_SIDE` on a side (SSIM's 11 x 11 valid window needs it) or
+over :data:`MAX_EVAL_PIXELS` pixels is refused with its file, its size and the limit. The set holds
+every grid point of every image in memory at once (27 uint8 copies, and float copies while they are
+made: about 650 bytes per pixel), so the limit bounds memory; a larger image is evaluated by
+cropping it (``protocol.crop`` / ``data.test_crop``) or by restoring it with ``cirlab-restore``,
+which tiles.
 """
 
 from __future__ import annotations
@@ -33,10 +42,18 @@ import torch
 from torch.utils.data import Dataset
 
 from cirlab.checkpoints import CheckpointError, read_torch_file, save_torch_file
-from cirlab.data.image_files import center_crop
+from cirlab.data.image_files import ImageFolderError, center_crop
 from cirlab.data.loading import mix_seed
 from cirlab.metrics.conventions import quantize_uint8
+from cirlab.metrics.fidelity import SSIM_WINDOW
 from cirlab.tasks import level_grid
+
+#: Largest evaluated image, in pixels (H x W after the crops): 2048 x 2048. At about 650 bytes per
+#: pixel while the 27 degraded copies are made (float) this bounds one image's set to ~2.7 GB;
+#: DIV2K's validation images (at most 2040 x 1536) and every standard test set fit.
+MAX_EVAL_PIXELS = 2048 * 2048
+#: Smallest evaluated side: SSIM's Gaussian window (11, "valid" windows only) must fit.
+MIN_EVAL_SIDE = SSIM_WINDOW
 
 #: 2: keyed by the content of the source files (1 was keyed by names, sizes and mtimes).
 FORMAT_VERSION = 2
@@ -90,6 +107,8 @@ class EvalSetSpec:
     on_bad: str = "error"
     config_key: str = "data.val_dir"
     extra: dict = field(default_factory=dict)
+    #: per-image pixel limit (:data:`MAX_EVAL_PIXELS`); not in the cache key (it changes no pixel)
+    max_pixels: int = MAX_EVAL_PIXELS
 
     def __post_init__(self) -> None:
         # the config keys of these values: data.val_dir -> data.val_max_images, data.val_crop
@@ -117,11 +136,52 @@ def _fingerprint(spec: EvalSetSpec, sources: list[tuple[str, str]], levels: torc
     return digest.hexdigest()[:20]
 
 
+def evaluated_size(height: int, width: int, crop: int | None) -> tuple[int, int]:
+    """``(H, W)`` an image of ``height x width`` is evaluated at: cropped to even sides, then the
+    centre crop of :func:`~cirlab.data.image_files.center_crop` (whole when smaller than ``crop``)."""
+    h, w = height - height % 2, width - width % 2
+    if crop and h >= crop and w >= crop:
+        h, w = crop, crop
+    return h, w
+
+
+def check_eval_sizes(paths: Sequence[Path], spec: EvalSetSpec, copies: int) -> None:
+    """Refuse, before any decoding, images too small for SSIM or too large to hold as a set.
+
+    ``copies`` is the number of grid points (for the message). Reads only the headers. Raises :class:`~cirlab.data.image_files.ImageFolderError` listing every
+    refused file with its size, the evaluated size and the limit, and what to do.
+    """
+    from cirlab.data.image_files import header_size
+
+    stem = spec.config_key[: -len("_dir")] if spec.config_key.endswith("_dir") else spec.config_key
+    problems = []
+    for path in paths:
+        height, width = header_size(path)
+        h, w = evaluated_size(height, width, spec.crop)
+        if min(h, w) < MIN_EVAL_SIDE:
+            problems.append(f"image '{path}' is {height}x{width} (HxW), evaluated at {h}x{w}: smaller than "
+                            f"{MIN_EVAL_SIDE}x{MIN_EVAL_SIDE}, the SSIM window (after cropping to even sides)")
+        elif h * w > spec.max_pixels:
+            problems.append(f"image '{path}' is {height}x{width} (HxW), evaluated at {h}x{w} = {h * w / 1e6:.1f} MP: "
+                            f"over the limit of {spec.max_pixels / 1e6:.1f} MP ({spec.max_pixels} pixels) per image "
+                            f"(its {copies} degraded copies are held in memory at once); set {stem}_crop (or "
+                            "protocol.crop for cirlab-eval) to evaluate a centre crop, or restore it with "
+                            "cirlab-restore, which tiles")
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ImageFolderError(f"{spec.config_key}: {len(problems)} image(s) in '{spec.folder}' cannot be evaluated:"
+                               f"\n{listed}", path=spec.folder, problems=problems)
+
+
 def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bool = True) -> dict:
     """Generate (or load from ``cache_dir``) the evaluation set described by ``spec``.
 
     Returns a dict with ``names`` (list of str), ``clean`` (list of uint8 (3, H, W)),
     ``inputs`` (list of uint8 (G, 3, H, W), one per image) and ``levels`` ((G, 3) task space).
+
+    Raises:
+        ImageFolderError: a bad image file, or one too small / too large (:func:`check_eval_sizes`),
+            before any image is degraded.
     """
     from cirlab.data.degradations import degrade
     from cirlab.data.image_files import crop_to_multiple, load_image, scan_folder
@@ -130,6 +190,7 @@ def build_eval_set(spec: EvalSetSpec, cache_dir: str | Path | None, progress: bo
     paths = scan_folder(spec.folder, on_bad=spec.on_bad, config_key=spec.config_key)
     if spec.max_images is not None:
         paths = paths[: spec.max_images]
+    check_eval_sizes(paths, spec, len(levels))
     grid_name = spec.grid if isinstance(spec.grid, str) else f"custom{len(levels)}"
     cache_file = None
     if cache_dir:
