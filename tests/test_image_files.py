@@ -462,3 +462,39 @@ def test_center_crop_whole_if_smaller_is_the_evaluation_set_rule():
     assert center_crop(img, 12, even=False, whole_if_smaller=True) is img  # H 10 < 12: no crop
     out = center_crop(img, 7, even=False, whole_if_smaller=True)  # exactly 7 x 7, odd kept
     assert out.shape == (3, 7, 7) and torch.equal(out, img[:, 1:8, 3:10])
+
+
+# ------------------------------------------------------------------ symbolic links (issue 15.6)
+
+
+def _folder_with_bad_links(root: Path) -> Path:
+    folder = root / "imgs"
+    folder.mkdir()
+    save_rgb(folder / "good.png")
+    (folder / "dangling.png").symlink_to(root / "gone.png")
+    (folder / "loop_a.png").symlink_to(folder / "loop_b.png")
+    (folder / "loop_b.png").symlink_to(folder / "loop_a.png")
+    (folder / "linked.png").symlink_to(folder / "good.png")  # a working link is an image like any other
+    return folder
+
+
+def test_dangling_and_looping_links_are_named_as_errors(tmp_path):
+    folder = _folder_with_bad_links(tmp_path)
+    err = assert_error(
+        scan_folder,
+        folder,
+        contains=("3 of 5", "dangling.png' is a broken symbolic link", str(tmp_path / "gone.png"),
+                  "loop_a.png' is a symbolic link loop", "loop_b.png' is a symbolic link loop"),
+    )
+    assert len(err.problems) == 3
+    assert_error(check_image, folder / "dangling.png", contains=("broken symbolic link",))
+
+
+def test_dangling_and_looping_links_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+    folder = _folder_with_bad_links(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="cirlab.data.image_files"):
+        good = scan_folder(folder, on_bad="skip")
+    assert [p.name for p in good] == ["good.png", "linked.png"]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for name in ("dangling.png", "loop_a.png", "loop_b.png"):
+        assert f"{folder / name}'" in warned, warned

@@ -28,6 +28,7 @@ folder are held in memory by :mod:`cirlab.data.image_cache`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -139,6 +140,10 @@ def list_images(
             not exist, is not a directory, or holds no image files (the message lists the
             extensions looked for, how many other files were seen, and subfolders when
             ``recursive`` is off).
+
+    A symbolic link named like an image whose target is missing or loops is listed too (it is
+    not dropped silently): :func:`check_image` / :func:`scan_folder` then name it as a broken link
+    or a link loop. Other entries that are neither files nor folders (sockets, FIFOs) are ignored.
     """
     root = _as_folder(folder, config_key)
     if not root.exists():
@@ -155,7 +160,8 @@ def list_images(
     for p in candidates:
         if p.is_dir():
             subdirs.append(p)
-        elif p.is_file():
+        elif p.is_file() or (p.is_symlink() and _is_image_name(p)):
+            # a dangling or looping link named like an image is listed, so that checking it names it
             (images if _is_image_name(p) else others).append(p)
     if not images:
         exts = ", ".join(IMAGE_EXTENSIONS)
@@ -187,6 +193,17 @@ def _check_pillow_settings() -> None:
         )
 
 
+def _is_loop(path: Path) -> bool:
+    """Whether resolving the symbolic link ``path`` loops (ELOOP) rather than ends nowhere."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop so
+        return True
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 def _bits_per_sample(header: bytes, img: Image.Image) -> int | None:
     """Largest bits-per-sample the file declares, where the format says (PNG, TIFF)."""
     if header[:8] == _PNG_SIGNATURE and header[12:16] == b"IHDR" and len(header) >= 25:
@@ -212,6 +229,14 @@ def _open_verified(
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the `with fh` below
     except OSError as e:
+        if path.is_symlink():
+            target = os.readlink(path)
+            what = "a symbolic link loop" if _is_loop(path) else "a broken symbolic link"
+            raise ImageFolderError(
+                f"{name} is {what} (it points to '{target}', which cannot be opened: {e.strerror or e}); "
+                "fix or remove the link",
+                path=path,
+            ) from e
         raise ImageFolderError(
             f"{name} could not be opened ({type(e).__name__}: {e})", path=path
         ) from e
