@@ -13,7 +13,7 @@ ARGS ?=
 # Makefile's own are passed to Hydra as overrides.
 OVERRIDES := $(filter-out ARGS=% PYTEST_FLAGS=% TORCH_SPEC=% PYTHON=% VENV=%,$(MAKEOVERRIDES))
 
-.PHONY: help install test test-fast train fit eval compare data bench-data bench-cost bench-train gpu-check lint clean
+.PHONY: help install test test-fast train fit eval compare data bench-data bench-cost bench-train gpu-check lint clean clean-logs
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[test,sweep,iqa,lint]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
-install: $(STAMP)  ## create .venv and install cirlab with its test, sweep and iqa extras
+install: $(STAMP)  ## set-up: create .venv, install cirlab (editable) with its test, sweep, iqa and lint extras
 
 test: $(STAMP)  ## the whole suite (slow tests included)
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)
@@ -59,6 +59,13 @@ bench-train: $(STAMP)  ## training steps/s per module at paper size, projected r
 gpu-check: $(STAMP)  ## every GPU check in <= 8 min (CUDA tests, data, training, Table-1 latency); a dry run without CUDA (ARGS=<out folder>)
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/gpu_check.sh $(ARGS)
 
-clean:  ## remove caches and run directories (not .venv)
-	rm -rf logs .cache .pytest_cache
+lint: $(STAMP)  ## ruff over src and tests, rules in pyproject.toml [tool.ruff.lint] (ARGS=--fix applies the safe fixes)
+	$(BIN)/ruff check src tests $(ARGS)
+
+clean:  ## remove caches (.cache, .pytest_cache, .ruff_cache, __pycache__); keeps logs/ (runs, checkpoints) and .venv
+	rm -rf .cache .pytest_cache .ruff_cache
+	find src tests -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-logs:  ## DELETE logs/: every run folder, checkpoint, sweep database and W&B offline run in it
+	rm -rf logs
 
