@@ -552,3 +552,16 @@ def test_cirlab_eval_refuses_a_6x6_test_image_before_the_model_runs(tmp_path, mo
         evaluate(cfg)
     assert str(tmp_path / "images" / "tiny.png") in str(info.value) and "6x6" in str(info.value)
     assert not ran
+
+
+# ================================================================ 7. the last log line names the picture
+def test_the_last_log_lines_of_a_training_run_name_the_picture_not_the_checkpoint(train_cfg, caplog):
+    from cirlab.training import train
+
+    cfg = train_cfg("test=false", "trainer.max_steps=2", "data.batches_per_epoch=2", "data.val_max_images=1")
+    with caplog.at_level(logging.INFO, logger="cirlab.training"):
+        train(cfg)
+    lines = [r.getMessage() for r in caplog.records if "outputs at several task vectors" in r.getMessage()]
+    assert len(lines) == 1, lines
+    picture = Path(lines[0].split(": ", 1)[1])
+    assert picture.suffix == ".png" and picture.parent.name == "pictures" and picture.is_file(), lines[0]

@@ -137,7 +137,10 @@ def _run_training(cfg: DictConfig) -> TrainingRun:
     if trainer.is_global_zero:
         metrics.update({k: float(v) for k, v in counts.items()})
         write_json_atomically(Path(cfg.paths.output_dir) / "metrics.json", metrics)
-        picture = getattr(next((c for c in callbacks if hasattr(c, "last_path")), None), "last_path", None)
+        from cirlab.callbacks.pictures import TaskGridPicture
+
+        # the picture callback's file (LastCheckpoint has a last_path too: that one is the checkpoint)
+        picture = next((c.last_path for c in callbacks if isinstance(c, TaskGridPicture)), None)
         log.info("run directory: %s", cfg.paths.output_dir)
         if picture:
             log.info("outputs at several task vectors: %s", picture)
