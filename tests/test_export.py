@@ -183,3 +183,19 @@ def test_export_command_is_installed():
     result = subprocess.run([str(Path(sys.executable).with_name("cirlab-export")), "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "--ckpt" in result.stdout and "safetensors" in result.stdout
+
+
+@pytest.mark.slow  # a real (tiny) training run and a console-script process: ~20 s on 2 loaded cores
+def test_a_checkpoint_written_by_training_exports_through_the_installed_command(train_cfg, tmp_path):
+    """The file Lightning itself writes (not the test helper's imitation), through the console script."""
+    from cirlab.training import run_training
+
+    run = run_training(train_cfg("data.batches_per_epoch=2", "trainer.max_steps=2", "test=false"))
+    result = subprocess.run([str(Path(sys.executable).with_name("cirlab-export")), "--ckpt", run.last_ckpt,
+                             "--out", str(tmp_path / "export")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    net = load_exported(tmp_path / "export")
+    original = original_network(Path(run.last_ckpt))
+    image = torch.rand(1, 3, 16, 20)
+    assert torch.equal(call(net, "cresmd", image), call(original, "cresmd", image))
+    assert json.loads((tmp_path / "export" / "last.json").read_text())["source_kind"] == "CResMD"
