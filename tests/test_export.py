@@ -99,6 +99,21 @@ def test_every_kind_round_trips_without_lightning_and_computes_the_same(tmp_path
         assert torch.equal(got[kind], expected[kind]), f"{kind}: the exported network computes something else"
 
 
+def test_a_naively_shared_tasnet_built_from_config_exports_its_architecture(tmp_path):
+    """model.net names the function naive_shared: the export records the TASNet it built, not the function."""
+    from cirlab.models.tasnet_finetune import TASNetFinetune
+    from eval_testing import ADAM, save_module
+
+    module = TASNetFinetune(optimizer=ADAM, net={"_target_": "cirlab.archs.tasnet.naive_shared", "nf": 8, "nb": 2,
+                                                  "shared_maps": 3})
+    ckpt = save_module(module, tmp_path / "naive.ckpt")
+    json_path, _ = export_checkpoint(ckpt, tmp_path / "out")
+    meta = json.loads(json_path.read_text())
+    assert meta["class"] == "cirlab.archs.tasnet.TASNet" and meta["args"]["architecture"]["shared_maps"] == 3
+    image = torch.rand(1, 3, 12, 16)
+    assert torch.equal(call(load_exported(json_path), "tasnet", image), call(module.net.eval(), "tasnet", image))
+
+
 @pytest.fixture
 def exported(tmp_path) -> Path:
     json_path, _ = export_checkpoint(make_checkpoint("cresmd", tmp_path / "ckpt"), tmp_path / "out", "net")

@@ -173,7 +173,8 @@ def constructor_args(net: nn.Module, config: Mapping | None) -> dict[str, Any]:
         return {"architecture": json.loads(json.dumps(net.architecture))}
     if not config:
         raise ValueError(f"no network config recorded for the {type(net).__name__}; cannot describe its architecture")
-    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if k != "_target_"}
+    # Hydra's own keys (_target_, _partial_, _convert_, ...) are not constructor arguments
+    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
 
 
 def _class_path(net: nn.Module) -> str:
