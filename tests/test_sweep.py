@@ -435,3 +435,30 @@ def test_grid_studies_name_the_multirun_summary_callback(name):
     node = OmegaConf.load(Path(CONFIG_DIR) / "hparams_search" / f"{name}.yaml").hydra.callbacks.summary
     callback = instantiate(node)
     assert isinstance(callback, MultirunSummary) and callback.objectives[0] == ("val/psnr", "maximize")
+
+
+# ------------------------------------------------------------------ objectives checked before the first trial (issue 15.8)
+@pytest.mark.parametrize(("objectives", "overrides", "message"), [
+    ({"val/pnsr": "maximize"}, [], "optuna.objectives.val/pnsr: cirlab.models.cresmd.CResMD logs no such metric"),
+    ({"val/psnr": "maximize", "search/gflops_27_hd": "minimize"}, [], "optuna.objectives.search/gflops_27_hd"),
+    ({"test/psnr": "maximize"}, ["test=false"], "optuna.objectives.test/psnr: trials run with test=false"),
+])
+def test_an_objective_no_trial_produces_fails_before_any_training(study_args, monkeypatch, objectives, overrides,
+                                                                  message):
+    fake = FakeTrain()
+    monkeypatch.setattr(driver, "train_job", fake)
+    with pytest.raises(ValueError) as info:
+        run_sweep([*study_args("misspelt", objectives=objectives), *overrides])
+    assert message in str(info.value) and "valid names" in str(info.value) and "val/psnr" in str(info.value)
+    assert fake.configs == []
+
+
+def test_objectives_of_labelled_metrics_and_of_the_shipped_studies_are_accepted(study_args, monkeypatch):
+    from cirlab.config import compose_job
+    from cirlab.sweeps.spec import StudySpec, check_objectives
+
+    monkeypatch.setattr(driver, "train_job", FakeTrain([lambda cfg, m: {**m, "test_grid/psnr/r0.0_s50_qnone": 1.0}]))
+    assert run_sweep(study_args("labelled", n_trials=1, objectives={"test_grid/psnr/r0.0_s50_qnone": "maximize"})).complete
+    for name in ("cresmd_optuna", "tasnet_optuna"):
+        cfg = compose_job("sweep", [f"hparams_search={name}"], run_dir=".")
+        check_objectives(StudySpec.from_config(cfg), compose_job("train", [f"hparams_search={name}"], run_dir="."))

@@ -60,6 +60,8 @@ class HyperRes(RestorationModule):
         level_scale: c = level / level_scale (255).
     """
 
+    LOGGED_METRICS = ("train_level/l1_*", "val_level/psnr_*", "model/gflops_hd")  # beyond the base's
+
     #: the network method ``training_step`` runs (what ``callbacks.speed.compile`` compiles)
     training_forward = "forward_levels"
 
@@ -173,6 +175,8 @@ class HyperRes(RestorationModule):
 
 class HyperRes3D(RestorationModule):
     """HyperRes with task-vector meta blocks (t in [0, 1]^3); everything else is ``RestorationModule``."""
+
+    LOGGED_METRICS = ("model/gflops_hd", "model/gflops_27_hd")  # beyond the base's
 
     def __init__(self, net: dict, optimizer: dict, scheduler: dict | None = None, scheduler_interval: str = "step",
                  test_iqa: bool = False, iqa_weights_dir: str | None = None) -> None:

@@ -93,6 +93,24 @@ class RestorationModule(L.LightningModule):
         """What Lightning's model summary runs (eval mode, no grad) to fill its FLOPs and size columns."""
         return torch.zeros(1, 3, self.SUMMARY_SIZE, self.SUMMARY_SIZE), self.example_condition()
 
+    #: Metric keys a run of this class can return (``train()``'s metrics, ``metrics.json``): exact keys,
+    #: or ``fnmatch`` patterns where the key carries a grid or level label. A subclass lists only what
+    #: it adds; :meth:`logged_metrics` joins them. The sweep driver checks ``optuna.objectives``
+    #: against them before the first trial; tests/test_reliability.py checks them against a real run.
+    LOGGED_METRICS: tuple[str, ...] = (
+        "train/l1", "val/psnr", "val/ssim", "test/psnr", "test/ssim", "test/psnr_all_points",
+        "test/niqe", "test/brisque", "test_grid/psnr/*", "test_grid/ssim/*", "test_grid/psnr_input/*",
+        "model/params_total", "model/params_trainable",
+    )
+
+    @classmethod
+    def logged_metrics(cls) -> list[str]:
+        """Every key or pattern of :attr:`LOGGED_METRICS` along the class hierarchy, base first."""
+        keys: list[str] = []
+        for klass in reversed(cls.__mro__):
+            keys += [k for k in vars(klass).get("LOGGED_METRICS", ()) if k not in keys]
+        return keys
+
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.net.parameters())
         trainable = sum(p.numel() for p in self.net.parameters() if p.requires_grad)

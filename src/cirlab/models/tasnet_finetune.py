@@ -48,6 +48,8 @@ class TASNetFinetune(RestorationModule):
         derived_from, initialised_from: provenance, filled in by the module itself.
     """
 
+    LOGGED_METRICS = ("model/gflops_per_inference", "model/shared_maps")  # beyond the base's
+
     def __init__(self, optimizer: dict, derived_ckpt: str | None = None, net: dict | None = None,
                  init_ckpt: str | None = None, scheduler: dict | None = None, scheduler_interval: str = "step",
                  flops_grid: str | list = "cresmd27", test_iqa: bool = False, iqa_weights_dir: str | None = None,

@@ -54,6 +54,9 @@ class TASNetSearch(RestorationModule):
             TSNet), so the controllers learn each task's channels before agreement is judged.
     """
 
+    LOGGED_METRICS = ("train/r1", "train/r2", "train/loss", "agreement/*", "search/shared_maps",  # beyond the base's
+                      "search/gflops_27_hd", "search/flops_ratio", "search/active_channels_mean")
+
     #: the network method ``training_step`` runs (what ``callbacks.speed.compile`` compiles)
     training_forward = "search_forward"
 

@@ -1,7 +1,8 @@
 """The Optuna driver: create or resume the study of ``hparams_search=...`` and run it to ``n_trials``.
 
 :func:`run_sweep` composes ``conf/sweep.yaml`` with the user's overrides, checks the study
-(:class:`~cirlab.sweeps.spec.StudySpec`) and the overrides before any trial, then loads or creates
+(:class:`~cirlab.sweeps.spec.StudySpec`), the overrides and the objective names (against the metrics the
+module declares, :func:`~cirlab.sweeps.spec.check_objectives`) before any trial, then loads or creates
 the study in its persistent storage. Each trial samples its parameters, composes the training
 config with the user's overrides (not ``optuna.*``) plus ``key=value`` per parameter, runs
 :func:`train_job` in ``<sweep_dir>/trial_<number>`` (``.hydra/config.yaml``,
@@ -39,7 +40,7 @@ from optuna.trial import TrialState
 
 from cirlab.config import compose_job, validate_config
 from cirlab.sweeps.pruning import trial_in_progress
-from cirlab.sweeps.spec import StudySpec
+from cirlab.sweeps.spec import StudySpec, check_objectives
 from cirlab.sweeps.storage import STUDY_POINTER, ask_live, heartbeat_running, masked_url, open_storage, retry_of
 from cirlab.sweeps.summary import summarize_study
 from cirlab.utils.run import attach_log_file, detach_log_file, write_job_files, write_json_atomically
@@ -204,6 +205,7 @@ def run_sweep(overrides: Sequence[str]) -> SweepResult:
     # a typo in an override fails now, not in every trial
     train_cfg = compose_job("train", _train_overrides(overrides), run_dir=spec.sweep_dir)
     validate_config(train_cfg)
+    check_objectives(spec, train_cfg)  # a misspelt objective fails now, not after the first full trials
 
     storage = open_storage(spec.storage, spec.liveness)
     study = optuna.create_study(study_name=spec.study_name, storage=storage, load_if_exists=True,

@@ -199,3 +199,37 @@ class StudySpec:
             return optuna.pruners.NopPruner()
         options = {k: v for k, v in self.pruner.items() if k != "name"}
         return optuna.pruners.MedianPruner(**options)
+
+
+def check_objectives(spec: StudySpec, train_cfg: DictConfig) -> None:
+    """Refuse, before the first trial, an objective that no trial of ``train_cfg`` can produce.
+
+    The metrics a run can return are those its module class declares (``logged_metrics()`` of
+    :class:`~cirlab.models.restoration.RestorationModule`: keys, or ``fnmatch`` patterns for
+    grid/level labels), less ``test/*`` and ``test_grid/*`` when the config has ``test: false``.
+    A module that declares nothing is not checked (its metrics stay known only after a run).
+
+    Raises:
+        ValueError: naming ``optuna.objectives.<key>`` and listing the valid names.
+    """
+    from fnmatch import fnmatchcase
+
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(train_cfg, "model._target_", default=None)
+    if not target:
+        return
+    module = get_class(str(target))
+    declared = getattr(module, "logged_metrics", None)
+    if declared is None:
+        return
+    valid = list(declared())
+    if not train_cfg.get("test", True):
+        valid = [k for k in valid if not k.startswith(("test/", "test_grid/"))]
+    for metric, _ in spec.objectives:
+        if not any(fnmatchcase(metric, pattern) for pattern in valid):
+            test_only = not train_cfg.get("test", True) and metric.startswith(("test/", "test_grid/"))
+            why = "trials run with test=false, so no test metric is produced" if test_only else \
+                f"{target} logs no such metric"
+            raise ValueError(f"optuna.objectives.{metric}: {why}; valid names (* stands for a grid or level "
+                             f"label): {', '.join(valid)}")
