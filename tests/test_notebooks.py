@@ -199,13 +199,22 @@ def test_results_notebook_draws_tables_and_figures_from_the_outputs(outputs, tmp
     assert images_in(notebook) == 2  # Figure 10 (one study) and Figure 11
 
 
-def test_results_notebook_without_outputs_says_not_available(tmp_path):
-    notebook = execute("results.ipynb", {"PIPELINE_JSON": None, "COST_JSON": None, "COMPARISON_JSON": None,
-                                         "TABLE4_COMPARISON_JSON": None, "BLIND_JSONS": []}, cwd=tmp_path)
+def test_results_notebook_finds_a_pipeline_runs_outputs_and_names_the_missing_ones(outputs, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"  # a pipeline run whose evaluate stage finished and whose bench stage did not
+    (run_dir / "evaluate").mkdir(parents=True)
+    shutil.copy(outputs["comparison"], run_dir / "evaluate" / "comparison.json")
+    (run_dir / "pipeline.json").write_text(json.dumps({"run_dir": str(run_dir), "stages": {}, "products": {}}))
+    notebook = execute("results.ipynb", {"PIPELINE_JSON": repr(str(run_dir / "pipeline.json")), "COST_JSON": None,
+                                         "COMPARISON_JSON": None, "TABLE4_COMPARISON_JSON": None, "BLIND_JSONS": []},
+                       cwd=tmp_path)
     text = text_of(notebook)
-    for what in ("Table 1", "Table 2", "Table 3 (needs a TSNet model in the comparison)", "Table 4", "Figure 10",
-                 "Figure 11"):
+    for what in ("Table 1", "Table 4", "Figure 10", "Figure 11"):
         assert f"**{what}: not available**" in text
+    assert "Table 2: not available" not in text and "Table 3 (needs" not in text
+    psnr = {m["name"]: m["psnr"] for m in json.loads(outputs["comparison"].read_text())["models"]}
+    assert f"{psnr['TSNet']:.6f}"[:6] in text
     assert images_in(notebook) == 0
 
 
