@@ -129,9 +129,13 @@ def test_modulation_explorer_notebook_runs_and_its_sliders_move(checkpoints, tmp
 
     picture = tmp_path / "photo.png"
     Image.fromarray((torch.rand(40, 52, 3) * 255).byte().numpy()).save(picture)
+    # the checkpoints as a pipeline run lists them (the notebook's default source); CResMD given explicitly wins
+    manifest = tmp_path / "pipeline.json"
+    manifest.write_text(json.dumps({"products": {"cresmd_ckpt": str(tmp_path / "absent.ckpt"),
+                                                 "tasnet_ckpt": str(checkpoints["tasnet"])}}))
     notebook = execute("modulation_explorer.ipynb",
-                       {"CRESMD_CKPT": repr(str(checkpoints["cresmd"])), "TASNET_CKPT": repr(str(checkpoints["tasnet"])),
-                        "PIPELINE_JSON": None, "IMAGE": repr(str(picture)), "LEVELS": (1.0, 20.0, 40.0), "CROP": 32,
+                       {"CRESMD_CKPT": repr(str(checkpoints["cresmd"])), "TASNET_CKPT": None,
+                        "PIPELINE_JSON": repr(str(manifest)), "IMAGE": repr(str(picture)), "LEVELS": (1.0, 20.0, 40.0), "CROP": 32,
                         "SEED": 0},
                        ["import json as _json\nui.sliders['denoise'].value = 0.9\nui.sliders['dejpeg'].value = 0.2\n"
                         "same = torch.equal(ui.last.images['TASNet'], explorer.render(ui.last.task.tolist()).images['TASNet'])\n"
@@ -141,6 +145,7 @@ def test_modulation_explorer_notebook_runs_and_its_sliders_move(checkpoints, tmp
     text = text_of(notebook)
     assert f"KERNEL {sys.executable}" in text  # the kernel is the interpreter running the tests
     assert "image: (3, 32, 32)" in text
+    assert f"CResMD: {checkpoints['cresmd']}" in text and f"TASNet: {checkpoints['tasnet']}" in text
     state = json.loads(text.split("SLIDERS ")[1].splitlines()[0])
     assert state["task"] == pytest.approx([0.25, 0.9, 0.2])  # deblur starts at the input's true level, r = 1
     assert state["same"]
