@@ -75,7 +75,9 @@ class ModulationExplorer:
         image: the degraded input, (3, H, W) in [0, 1] (or uint8), or an image file.
         channels_last: the layout of TASNet's passes (default: on CPU, as :func:`cirlab.inference.restore`).
 
-    At least one network is needed. Networks are used in eval mode on their own devices.
+    At least one network is needed. Networks are used in eval mode on their own devices. The
+    cached prefix belongs to the weights it was computed with: after changing TASNet's weights,
+    call :meth:`set_image` again.
     """
 
     def __init__(self, cresmd=None, tasnet=None, image: Tensor | str | Path | None = None, *,
