@@ -1,4 +1,4 @@
-"""``cirlab-bench``: measured figures, written with their command, date, machine and revision.
+"""`cirlab bench` (`cirlab-bench`): measured figures, written with their command, date, machine and revision.
 
     cirlab-bench data [--seconds 10] [--out docs/bench/data.json]
     cirlab-bench search-step [--sizes tiny,full] [--out docs/bench/search_step.json]
@@ -8,31 +8,33 @@
     cirlab-bench train [--experiments cresmd_paper,...] [--device auto] [--variants fp32,bf16+cl] [--steps 2]
                        [--warmup 1] [--num-workers 0] [--out docs/bench/train.json] [-- overrides]
 
-``data`` measures the training pipeline's throughput in relative-GT pairs per second
+`data` measures the training pipeline's throughput in relative-GT pairs per second
 (64x64 patches, batch 16, all three degradations): once for pair synthesis alone
-(``make_pairs`` on ready crops) and once for the whole pipeline (DataLoader workers cutting
+(`make_pairs` on ready crops) and once for the whole pipeline (DataLoader workers cutting
 crops from the decoded embedded photos + synthesis on the device), on the CPU and, when
 present, on the GPU. Results are merged into a JSON file keyed by machine and device and
 printed as a Markdown table.
 
-``search-step`` measures one TASNet search training step against one plain CResMD training
+`search-step` measures one TASNet search training step against one plain CResMD training
 step (same batch 16 and 64x64 patches, interleaved, medians), for the tiny and the full network,
 on the CPU and, when present, the GPU.
 
-``cost`` measures FLOPs and latency of restoring one image under the 27 task vectors (TASNet
+`cost` measures FLOPs and latency of restoring one image under the 27 task vectors (TASNet
 Table 1): CResMD against derived TASNet / TSNet checkpoints, a synthetic paper-scale TASNet
-(``--synthetic``: random weights, paper-shaped widths, clearly labelled) and naively shared
-CResMDs, models timed interleaved, speed-ups per round (docs in ``cirlab/bench/cost.py``).
+(`--synthetic`: random weights, paper-shaped widths, clearly labelled) and naively shared
+CResMDs, models timed interleaved, speed-ups per round (docs in `cirlab/bench/cost.py`).
 
-``sharing`` runs the embedded pipeline's search, derivation, fine-tuning and evaluation from one
+`sharing` runs the embedded pipeline's search, derivation, fine-tuning and evaluation from one
 CResMD for each seed and torch thread count, and tabulates the derived shared maps, FLOPs
-fraction, test PSNR and the agreement statistics of each search (``cirlab/bench/sharing.py``).
+fraction, test PSNR and the agreement statistics of each search (`cirlab/bench/sharing.py`).
 
-``train`` times training steps of each module at paper size (the real training job of each paper
+`train` times training steps of each module at paper size (the real training job of each paper
 experiment: batch 16, 64x64; HyperRes 96x96, k = 4) on the device, for each variant (precision,
 channels_last, torch.compile), warm-up excluded, and projects the wall time of every paper recipe
-and of the TASNet pipeline from the fastest variant (``cirlab/bench/train.py``). CPU rates are
+and of the TASNet pipeline from the fastest variant (`cirlab/bench/train.py`). CPU rates are
 also given scaled to the reference matmul speed.
+
+torch and the library are imported after the arguments are parsed, so `--help` is quick.
 """
 
 from __future__ import annotations
@@ -43,16 +45,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from cirlab.bench.records import git_revision, machine_description, write_cost_outputs
-from cirlab.bench.train import DEFAULT_EXPERIMENTS
-from cirlab.tasks import parse_resolutions
-from cirlab.utils.run import write_json_atomically
-
 
 def run_data(args: argparse.Namespace) -> int:
+    import torch
+
     from cirlab.bench.data import REFERENCE_GFLOPS, bench_pairs, bench_pipeline, matmul_gflops, scaled_to_reference
+    from cirlab.bench.records import git_revision, machine_description
+    from cirlab.utils.run import write_json_atomically
 
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"cirlab-bench data: --threads {args.threads} must be >= 1")
@@ -114,7 +113,11 @@ SEARCH_SIZES = {"tiny": (8, 2), "small": (32, 8), "full": (64, 32)}
 
 
 def run_search_step(args: argparse.Namespace) -> int:
+    import torch
+
+    from cirlab.bench.records import git_revision, machine_description
     from cirlab.bench.search_step import bench_search_step
+    from cirlab.utils.run import write_json_atomically
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
@@ -146,12 +149,16 @@ def run_search_step(args: argparse.Namespace) -> int:
 
 def run_cost(args: argparse.Namespace) -> int:
     """``cost``: FLOPs and latency of CResMD, TSNet, TASNet and naive sharing (docs in bench/cost.py)."""
+    import torch
+
     from cirlab.bench.cost import (
         CPU_RESOLUTIONS,
         PAPER_RESOLUTIONS,
         bench_cost,
         build_models,
     )
+    from cirlab.bench.records import write_cost_outputs
+    from cirlab.tasks import parse_resolutions
 
     device = args.device
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -180,7 +187,10 @@ def run_cost(args: argparse.Namespace) -> int:
 
 def run_sharing(args: argparse.Namespace) -> int:
     """``sharing``: is the derived architecture the same shape over seeds and thread counts?"""
+
+    from cirlab.bench.records import git_revision, machine_description
     from cirlab.bench.sharing import agreement_markdown, markdown, run_study
+    from cirlab.utils.run import write_json_atomically
 
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -202,14 +212,19 @@ def run_sharing(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """``train``: steps/s of each module at paper size, and the projected wall time of the recipes."""
+    import torch
+
     from cirlab.bench.data import REFERENCE_GFLOPS, matmul_gflops, scaled_to_reference
-    from cirlab.bench.records import utc_now
+    from cirlab.bench.records import git_revision, machine_description, utc_now
     from cirlab.bench.train import bench_experiment, fastest, markdown, parse_variant, projections, recipes
+    from cirlab.utils.run import write_json_atomically
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("cirlab-bench train: --device cuda but torch sees no CUDA device")
-    experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    from cirlab.bench.train import DEFAULT_EXPERIMENTS
+
+    experiments = [e.strip() for e in (args.experiments or ",".join(DEFAULT_EXPERIMENTS)).split(",") if e.strip()]
     try:
         variants = [parse_variant(v) for v in args.variants.split(",")]
     except ValueError as error:
@@ -266,8 +281,9 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cirlab-bench", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `cirlab bench` (no torch import)."""
+    parser = argparse.ArgumentParser(prog="cirlab-bench", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="what", required=True)
     data = sub.add_parser("data", help="training-pipeline throughput (pairs/s)")
     data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     search = sub.add_parser("search-step", help="TASNet search step vs plain CResMD step")
     search.add_argument("--sizes", default="tiny,full", help="comma list of tiny, small, full")
     search.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
-    search.add_argument("--out", default="docs/bench/search_step.json")
+    search.add_argument("--out", default="docs/bench/search_step.json", help="JSON file the figures are merged into")
     search.set_defaults(func=run_search_step)
     cost = sub.add_parser("cost", help="FLOPs and latency on the 27-point workload (TASNet Table 1, Fig. 11)")
     cost.add_argument("--cresmd", help="CResMD checkpoint (default: random init; FLOPs still exact)")
@@ -316,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     sharing.add_argument("overrides", nargs="*", help="extra cirlab-pipeline overrides (after --)")
     sharing.set_defaults(func=run_sharing)
     bench_train = sub.add_parser("train", help="training steps/s per module at paper size, projected recipe times")
-    bench_train.add_argument("--experiments", default=",".join(DEFAULT_EXPERIMENTS),
-                             help="comma list of paper experiments to time (default: one per training module)")
+    bench_train.add_argument("--experiments", default=None,
+                             help="comma list of paper experiments to time (default: one per training module: "
+                             "cresmd_paper, tasnet_search_paper, tasnet_finetune_paper, hyperres_denoise_paper, hyperres_3d_paper)")
     bench_train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                              help="auto: CUDA when present, else CPU")
     bench_train.add_argument("--variants", default="fp32", help="comma list of fp32 or bf16, each optionally "
@@ -330,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_train.add_argument("--out", default="docs/bench/train.json", help="JSON file the record is merged into")
     bench_train.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (after --)")
     bench_train.set_defaults(func=run_train)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point `cirlab-bench`."""
+    args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args.func(args)
 

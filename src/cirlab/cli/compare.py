@@ -1,8 +1,8 @@
-"""``python -m cirlab.cli.compare`` (= ``make compare``): train CResMD, TASNet and the 3-D HyperRes
-on the same data at the same scale and score them side by side (``cirlab.evaluation.recipe``).
+"""`cirlab compare` (= `make compare`): train CResMD, TASNet and the 3-D HyperRes on the same data at
+the same scale and score them side by side (`cirlab.evaluation.recipe`).
 
-    python -m cirlab.cli.compare --out logs/compare/run1
-    python -m cirlab.cli.compare --out logs/compare/run1 --protocols grid   # the grid only
+    cirlab compare --out logs/compare/run1
+    cirlab compare --out logs/compare/run1 --protocols grid   # the grid only
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ from pathlib import Path
 from cirlab.evaluation.recipe import run_compare
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cirlab-compare", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `cirlab compare`."""
+    summary, _, examples = __doc__.partition("\n\n")
+    summary = summary.split(": ", 1)[1]
+    parser = argparse.ArgumentParser(prog="cirlab compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=summary[:1].upper() + summary[1:] + "\n\n" + examples)
     parser.add_argument("--out", help="run folder (default: logs/compare/<date>_<time>); reusing one keeps finished steps")
     parser.add_argument("--protocols", help="comma-separated protocols of conf/protocol/ (default: grid and blind_*)")
     parser.add_argument("--pipeline", action="append", default=[], metavar="OVERRIDE",
@@ -27,7 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Hydra override for the 3-D HyperRes's cirlab-train (repeat)")
     parser.add_argument("--eval", action="append", default=["data=embedded"], metavar="OVERRIDE",
                         help="Hydra override for every cirlab-eval (repeat; default data=embedded)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point `cirlab compare` (`python -m cirlab.cli.compare`)."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     out = Path(args.out) if args.out else Path("logs") / "compare" / f"{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()] if args.protocols else None

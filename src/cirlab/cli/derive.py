@@ -1,12 +1,15 @@
-"""``cirlab-derive``: turn a TASNet search checkpoint into a standalone TASNet (``tasnet.ckpt``)."""
+"""`cirlab derive` (`cirlab-derive`): turn a TASNet search checkpoint into a standalone TASNet (tasnet.ckpt).
+
+torch and the library are imported after the arguments are parsed, so `--help` is quick."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from cirlab.derivation import derive_checkpoint
-from cirlab.tasks import HD
+#: default (height, width) of the FLOPs summary: cirlab.tasks.HD, written here so that `--help` needs no torch
+#: (tests/test_cli.py checks that the two agree)
+HD = (720, 1280)
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -26,18 +29,26 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--grid={args.grid!r}: {error}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``cirlab-derive``."""
-    parser = argparse.ArgumentParser(prog="cirlab-derive", description=__doc__.split("\n\n")[0].strip("`"))
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `cirlab derive` (no torch import)."""
+    parser = argparse.ArgumentParser(prog="cirlab-derive", description="Turn a TASNet search checkpoint into a "
+                                     "standalone TASNet: tasnet.ckpt, architecture.json and architecture.png in --out.")
     parser.add_argument("--ckpt", required=True, help="TASNetSearch checkpoint (e.g. checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="output folder (tasnet.ckpt, architecture.json, architecture.png)")
     parser.add_argument("--grid", default="cresmd27", help="task grid of the summary (cresmd27 or single)")
-    parser.add_argument("--height", type=int, default=HD[0], help="image height of the FLOPs summary")
-    parser.add_argument("--width", type=int, default=HD[1], help="image width of the FLOPs summary")
+    parser.add_argument("--height", type=int, default=HD[0], help=f"image height of the FLOPs summary (default {HD[0]})")
+    parser.add_argument("--width", type=int, default=HD[1], help=f"image width of the FLOPs summary (default {HD[1]})")
     parser.add_argument("--no-figure", action="store_true", help="skip architecture.png")
     parser.add_argument("--weights", help="a CResMD checkpoint whose weights the derived architecture takes instead of "
                         "the search's (TASNet-A: the absolute-GT CResMD, then experiment=tasnet_a_paper)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``cirlab-derive``."""
+    args = build_parser().parse_args(argv)
+    from cirlab.derivation import derive_checkpoint
+
     try:
         check_options(args)
         result = derive_checkpoint(args.ckpt, args.out, args.grid, args.height, args.width, figure=not args.no_figure,

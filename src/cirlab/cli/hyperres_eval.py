@@ -1,12 +1,13 @@
-"""``cirlab-hyperres-eval``: PSNR against degradation level, one curve per HyperRes or dedicated model.
+"""`cirlab hyperres-eval` (`cirlab-hyperres-eval`): PSNR against degradation level, one curve per
+HyperRes or dedicated model.
 
-    cirlab-hyperres-eval --task denoise --model HyperRes=logs/.../last.ckpt \\
+    cirlab hyperres-eval --task denoise --model HyperRes=logs/.../last.ckpt \\
         logs/hyperres_dedicated/multiruns/.../*/checkpoints/last.ckpt
 
-Default test sets per task: denoise on ``<data-root>/CBSD68`` at sigma 5..90, DeJPEG on
-``<data-root>/LIVE1`` at q 10..80, SR on ``<data-root>/Set5`` at x2..x6 (``--levels`` and
-``--data`` choose others). A model given as ``NAME=PATH`` is labelled NAME; otherwise its task
-and training levels label it.
+Default test sets per task: denoise on <data-root>/CBSD68 at sigma 5..90, DeJPEG on
+<data-root>/LIVE1 at q 10..80, SR on <data-root>/Set5 at x2..x6 (--levels and --data choose
+others). A model given as NAME=PATH is labelled NAME; otherwise its task and training levels
+label it. torch and the library are imported after the arguments are parsed (quick --help).
 """
 
 from __future__ import annotations
@@ -16,13 +17,6 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-
-from cirlab.checkpoints import CheckpointError, read_checkpoint
-from cirlab.data.hyperres import get_task
-from cirlab.evaluation.levels import evaluate_levels, load_level_model, write_outputs
-from cirlab.utils.run import new_run_id
 
 
 def parse_levels(text: str | None) -> list[float] | None:
@@ -36,11 +30,14 @@ def parse_levels(text: str | None) -> list[float] | None:
     return [float(v) for v in text.split(",")]
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse the command line, score the models, write the outputs; returns the result dict."""
-    parser = argparse.ArgumentParser(prog="cirlab-hyperres-eval", description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `cirlab hyperres-eval` (no torch import)."""
+    summary, _, rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="cirlab-hyperres-eval",
+                                     description=summary.split(": ", 1)[1].replace("\n", " ") + "\n\n" + rest,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=sorted(("denoise", "dejpeg", "sr")))
+    parser.add_argument("--task", required=True, choices=sorted(("denoise", "dejpeg", "sr")),
+                        help="the degradation the models undo: denoise (sigma), dejpeg (quality) or sr (scale)")
     parser.add_argument("--model", action="append", default=[], metavar="[NAME=]CKPT",
                         help="a HyperRes or dedicated checkpoint (repeat; shell globs work)")
     parser.add_argument("models", nargs="*", metavar="CKPT", help="more checkpoints")
@@ -49,14 +46,30 @@ def run(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--levels", help="'5:90:5' (inclusive) or '5,10,20'; default: the task's sweep")
     parser.add_argument("--channel", choices=("rgb", "y", "y_rounded"),
                         help="default: rgb for denoise, y_rounded (Y rounded as MATLAB on uint8) for dejpeg and sr")
-    parser.add_argument("--max-images", type=int)
+    parser.add_argument("--max-images", type=int, help="score only the first N images (default: all)")
     parser.add_argument("--crop", type=int, help="centre crop (pixels) of each image; default: whole images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the degradation noise (default 0)")
     parser.add_argument("--chunk", type=int, default=6, help="levels per forward pass (default 6)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     parser.add_argument("--out", help="output folder (default: logs/hyperres_eval/<task>_<date>_<time>_<id>)")
     parser.add_argument("--show-each-dedicated", action="store_true", help="also draw one curve per dedicated network")
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Parse the command line, score the models, write the outputs; returns the result dict."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+
+    import torch
+
+    from cirlab.checkpoints import CheckpointError, read_checkpoint
+    from cirlab.data.hyperres import get_task
+    from cirlab.evaluation.levels import evaluate_levels, load_level_model, write_outputs
+    from cirlab.utils.run import new_run_id
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = [*args.model, *args.models]
     if not specs:
         parser.error("give at least one checkpoint (--model [NAME=]CKPT)")

@@ -1,5 +1,7 @@
-"""``cirlab-restore``: restore one image under several task vectors; writes the images, a
-contact sheet and ``<stem>_tasks.json``."""
+"""`cirlab restore` (`cirlab-restore`): restore one image under several task vectors; writes the
+images, a contact sheet and `<stem>_tasks.json`.
+
+torch and the library are imported after the arguments are parsed, so `--help` is quick."""
 
 from __future__ import annotations
 
@@ -8,23 +10,25 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from cirlab.checkpoints import load_network
-from cirlab.figures import contact_sheet, to_pil
-from cirlab.inference import check_restore_options, check_tasks, restore
-from cirlab.tasks import parse_tasks, task_label
-from cirlab.utils.files import atomic_path
-from cirlab.utils.run import write_text_atomically
-
 
 def _save_png(picture, path: Path) -> None:
+    from cirlab.utils.files import atomic_path
+
     with atomic_path(path) as tmp:  # a killed run leaves no half-written picture under the real name
         picture.save(tmp, format="PNG")
 
 
-def _device(name: str | None) -> torch.device:
+def restore(*args, **kwargs):
+    """`cirlab.inference.restore`, imported when first called (a module-level name tests can replace)."""
+    from cirlab.inference import restore as restore_images
+
+    return restore_images(*args, **kwargs)
+
+
+def _device(name: str | None):
     """``--device`` as a torch device (default: cuda if available), or ``ValueError`` naming it."""
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -36,9 +40,10 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``cirlab-restore``."""
-    parser = argparse.ArgumentParser(prog="cirlab-restore", description="Restore an image under several task vectors.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `cirlab restore` (no torch import)."""
+    parser = argparse.ArgumentParser(prog="cirlab-restore", description="Restore an image under several task vectors; "
+                                     "writes one PNG per task, a contact sheet and <stem>_tasks.json into --out.")
     parser.add_argument("--ckpt", required=True, help="derived TASNet (tasnet.ckpt) or a cirlab CResMD/TASNet module checkpoint")
     parser.add_argument("--image", required=True, help="input image (8-bit RGB)")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -50,10 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="mixed precision")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--max-batch", type=int, default=None, help="at most this many tasks per pass")
-    parser.add_argument("--thumb", type=int, default=256, help="contact sheet thumbnail size")
-    args = parser.parse_args(argv)
+    parser.add_argument("--thumb", type=int, default=256, help="contact sheet thumbnail size in pixels (default 256)")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``cirlab-restore``."""
+    args = build_parser().parse_args(argv)
+
+    import torch
+
+    from cirlab.checkpoints import load_network
     from cirlab.data.image_files import ImageFolderError, load_image
+    from cirlab.figures import contact_sheet, to_pil
+    from cirlab.inference import check_restore_options, check_tasks
+    from cirlab.tasks import parse_tasks, task_label
+    from cirlab.utils.run import write_text_atomically
 
     try:
         # every option is checked before the network is read or anything restored

@@ -1,9 +1,10 @@
-"""``cirlab-sweep``: run (or resume) an Optuna study, or summarize any sweep.
+"""`cirlab sweep` (`cirlab-sweep`): run (or resume) an Optuna study, or summarize any sweep.
 
-Every argument but ``summarize`` is a Hydra override of ``conf/sweep.yaml``
-(``cirlab.sweeps.driver.run_sweep``); ``summarize`` writes the table and Pareto plot of a study or
-multirun (``cirlab.sweeps.summary.write_summary``). Exit status 1: the study stopped short of
-``n_trials`` (too many failed trials in a row).
+Every argument but `summarize` is a Hydra override of `conf/sweep.yaml`
+(`cirlab.sweeps.driver.run_sweep`); `summarize` writes the table and Pareto plot of a study or
+multirun (`cirlab.sweeps.summary.write_summary`). Exit status 1: the study stopped short of
+`n_trials` (too many failed trials in a row). The driver (torch, Lightning) is imported only when a
+study runs, so `--help` is quick.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cirlab.sweeps.driver import run_sweep
 from cirlab.sweeps.summary import parse_objectives, write_summary
 
 USAGE = """\
@@ -26,6 +26,19 @@ one cirlab-train job per trial, then writes summary.md, summary.csv and pareto.p
 """
 
 
+def build_summarize_parser() -> argparse.ArgumentParser:
+    """The command line of `cirlab sweep summarize`."""
+    parser = argparse.ArgumentParser(prog="cirlab-sweep summarize", description="Summarize a sweep: summary.md, "
+                                     "summary.csv and pareto.png of an Optuna study or a Hydra multirun.")
+    parser.add_argument("path", help="study .db file, storage URL, sweep folder or Hydra multirun folder")
+    parser.add_argument("--objectives", type=parse_objectives, default=None,
+                        help="metric:max|min,... (default: the study's; val/psnr:max,model/params_total:min "
+                             "for a multirun)")
+    parser.add_argument("--study", default=None, help="study name, when the storage holds several")
+    parser.add_argument("--out", default=None, help="folder for the summary (default: the sweep folder)")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``cirlab-sweep``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -33,18 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     if argv and argv[0] == "summarize":
-        parser = argparse.ArgumentParser(prog="cirlab-sweep summarize", description="Summarize a sweep.")
-        parser.add_argument("path", help="study .db file, storage URL, sweep folder or Hydra multirun folder")
-        parser.add_argument("--objectives", type=parse_objectives, default=None,
-                            help="metric:max|min,... (default: the study's; val/psnr:max,model/params_total:min "
-                                 "for a multirun)")
-        parser.add_argument("--study", default=None, help="study name, when the storage holds several")
-        parser.add_argument("--out", default=None, help="folder for the summary (default: the sweep folder)")
-        args = parser.parse_args(argv[1:])
+        args = build_summarize_parser().parse_args(argv[1:])
         rows, out = write_summary(args.path, args.objectives, study_name=args.study, out_dir=args.out)
         print(f"{len(rows)} rows; sweep summary: {out / 'summary.md'}")
         return 0
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from cirlab.sweeps.driver import run_sweep
+
     result = run_sweep(argv)
     return 0 if result.complete else 1
 
