@@ -170,8 +170,10 @@ def test_every_module_trains_in_bf16_with_channels_last_and_validates_in_float32
     # evaluation runs in float32 whatever the precision: the same scores under bf16-mixed and 32-true
     scores = {}
     for precision in ("32-true", "bf16-mixed"):
+        # default_root_dir: a search module writes its architecture there (the working directory otherwise)
         evaluator = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
-                              enable_progress_bar=False, enable_model_summary=False)
+                              enable_progress_bar=False, enable_model_summary=False,
+                              default_root_dir=trainer.default_root_dir)
         scores[precision] = evaluator.validate(model, datamodule=datamodule, verbose=False)[0]["val/psnr"]
     assert scores["bf16-mixed"] == pytest.approx(scores["32-true"], abs=1e-5)
     # the channels_last weights load into a fresh module (checkpoints unchanged)
