@@ -71,6 +71,35 @@ def _job_dir_root(tmp_path_factory):
     _JOB_DIRS.clear()
 
 
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """Building a Trainer for a cluster layout sets process-wide state: Lightning's
+    ``rank_zero_only.rank`` (a test that places rank 5 of 8 left every later logger silent) and,
+    when a launcher runs, torch's thread count and ``OMP_NUM_THREADS``. Each test gets them back
+    as they were, so one test's layout cannot leak into the next."""
+    import torch
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning.pytorch.utilities import rank_zero as pytorch_rank_zero
+    from lightning_utilities.core import rank_zero as utilities_rank_zero
+
+    holders = {id(m.rank_zero_only): m.rank_zero_only
+               for m in (fabric_rank_zero, pytorch_rank_zero, utilities_rank_zero)}.values()
+    ranks = [(holder, getattr(holder, "rank", None)) for holder in holders]
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    yield
+    for holder, rank in ranks:
+        if rank is None:
+            if hasattr(holder, "rank"):
+                delattr(holder, "rank")
+        else:
+            holder.rank = rank
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+
+
 def compose(config_name: str, overrides: list[str]):
     """Compose a config of the real tree as one job (Hydra's own node included, so ${hydra:...}
     resolves); the run directory is the last ``hydra.run.dir=`` override, else a fresh folder
