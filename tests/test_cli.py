@@ -233,3 +233,13 @@ def test_mlflow_logger_composes_and_names_the_install_when_missing(train_cfg):
     assert isinstance(raised.value, MissingLoggerPackage) or isinstance(raised.value.__cause__, MissingLoggerPackage)
     run_dir = Path(cfg.paths.output_dir)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("name", [name for name, (_, is_hydra, _) in COMMANDS.items() if is_hydra])
+def test_hydra_command_help_imports_no_lightning(name):
+    # torch is still imported: the structured-config schemas the help composes with live in
+    # cirlab.data.sampling (a torch module); the training library (Lightning) is imported only to run
+    done = run(sys.executable, "-c", PROBE.format(argv=[name, "--help"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Powered by Hydra" in done.stdout
+    assert "lightning" not in done.stdout.rsplit("HEAVY:", 1)[1].strip().split(",")

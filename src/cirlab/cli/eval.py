@@ -7,12 +7,14 @@ import hydra
 from omegaconf import DictConfig
 
 from cirlab.config import CONFIG_DIR, register_configs
-from cirlab.evaluation.compare import run_eval
-from cirlab.utils.wandb import finish_wandb
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    # imported here, not at the top: `--help` needs the config tree only (no Lightning)
+    from cirlab.evaluation.compare import run_eval
+    from cirlab.utils.wandb import finish_wandb
+
     try:
         run_eval(cfg)
     finally:

@@ -8,13 +8,15 @@ import hydra
 from omegaconf import DictConfig
 
 from cirlab.config import CONFIG_DIR, register_configs
-from cirlab.pipeline import PipelineError, run_pipeline
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pipeline")
 def main(cfg: DictConfig) -> None:
+    # imported here, not at the top: `--help` needs the config tree only (no Lightning)
+    from cirlab.pipeline import PipelineError, run_pipeline
+
     try:
         run_pipeline(cfg)
     except PipelineError as error:

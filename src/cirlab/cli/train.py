@@ -8,14 +8,16 @@ import hydra
 from omegaconf import DictConfig
 
 from cirlab.config import CONFIG_DIR, register_configs
-from cirlab.training import train
-from cirlab.utils.wandb import finish_wandb
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # imported here, not at the top: `--help` needs the config tree only (no Lightning)
+    from cirlab.training import train
+    from cirlab.utils.wandb import finish_wandb
+
     try:
         metrics = train(cfg)
     finally:
