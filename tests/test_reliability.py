@@ -573,3 +573,15 @@ def test_the_last_log_lines_of_a_training_run_name_the_picture_not_the_checkpoin
     assert len(lines) == 1, lines
     picture = Path(lines[0].split(": ", 1)[1])
     assert picture.suffix == ".png" and picture.parent.name == "pictures" and picture.is_file(), lines[0]
+
+
+def test_hyperres_level_sets_refuse_images_too_small_for_ssim_before_any_work(tmp_path):
+    from cirlab.data.hyperres import LevelSetSpec, build_level_set
+    from cirlab.data.image_files import ImageFolderError
+
+    write_uncompressed(tmp_path / "val" / "tiny.png", 1, size=(6, 6))
+    write_uncompressed(tmp_path / "val" / "fine.png", 2, size=(32, 32))
+    with pytest.raises(ImageFolderError, match="tiny.png.*6x6"):
+        build_level_set(LevelSetSpec(folder=str(tmp_path / "val"), task="denoise", levels=[15]), tmp_path / "cache",
+                        progress=False)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.pt"))

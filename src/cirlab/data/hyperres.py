@@ -251,10 +251,12 @@ def build_level_set(spec: LevelSetSpec, cache_dir: str | Path | None, progress: 
     Returns ``names``, ``clean`` (list of uint8 (3, H, W)), ``inputs`` (list of uint8 (G, 3, H, W)),
     ``levels`` ((G,) float64, physical) and ``task``.
     """
-    from cirlab.data.evalsets import load_cache, source_fingerprint
+    from cirlab.data.evalsets import EvalSetSpec, check_eval_sizes, load_cache, source_fingerprint
 
     paths = _paths(spec)
     levels = get_task(spec.task).check(spec.levels, f"{spec.config_key} levels")
+    # the grid's size checks (SSIM window, memory of the set), from the headers, before any work
+    check_eval_sizes(paths, EvalSetSpec(folder=str(spec.folder), crop=spec.crop, config_key=spec.config_key), len(levels))
     cache_file = sources = None
     if cache_dir:
         # keyed by the images' content, as the grid's evaluation sets: two folders with the same
