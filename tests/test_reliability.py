@@ -4,6 +4,7 @@ else: tests/test_config.py, tests/test_restore.py, tests/test_derive.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -61,6 +62,17 @@ def start_job(root: Path, cache: Path, *overrides: str, start: float, now: str =
     return subprocess.Popen([sys.executable, "-c", SAME_SECOND, f"paths.root_dir={root}", f"paths.cache_dir={cache}",
                              *JOB, *overrides], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+
+
+@contextlib.contextmanager
+def live_process():
+    """A process of this host that stays alive for the block (an owner other than this process)."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
 
 
 @pytest.mark.slow
@@ -142,30 +154,22 @@ def test_the_run_directory_names_carry_a_run_id_and_multirun_folders_too(config_
 
 def test_a_claim_refuses_a_live_owner_and_takes_over_from_an_ended_one(tmp_path):
     folder = tmp_path / "run"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
+    with live_process() as sleeper:
         folder.mkdir()
         (folder / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid,
                                                      "started": "then"}))
         with pytest.raises(RunDirBusy, match=f"in use by another job .*pid {sleeper.pid}.*delete .*{OWNER_FILE}"):
             with claim_run_dir(folder):
                 pass
-    finally:
-        sleeper.kill()
-        sleeper.wait()
     # the owner has ended: the folder is taken over, and released at the end
     with claim_run_dir(folder):
         assert json.loads((folder / OWNER_FILE).read_text())["pid"] == os.getpid()
     # a live process that got the pid of an ended owner is not that owner (start time differs)
-    reused = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
+    with live_process() as reused:
         (folder / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": reused.pid,
                                                      "pid_start": "1", "started": "long ago"}))
         with claim_run_dir(folder):
             pass
-    finally:
-        reused.kill()
-        reused.wait()
     with claim_run_dir(folder):
         assert json.loads((folder / OWNER_FILE).read_text())["pid"] == os.getpid()
         with claim_run_dir(folder):  # a driver running a job in a folder it owns
@@ -188,15 +192,12 @@ def test_the_hydra_callback_stops_a_job_aimed_at_a_live_jobs_folder(tmp_path):
     config = OmegaConf.create({"hydra": {"run": {"dir": str(folder)}, "sweep": {"dir": str(tmp_path / "multi")}}})
     holder = RunDirClaim()
     holder.on_run_start(config)  # this process owns it now
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:  # another live process owns the multirun folder: a SystemExit, which Hydra does not swallow
+    # another live process owns the multirun folder: a SystemExit, which Hydra does not swallow
+    with live_process() as sleeper:
         (tmp_path / "multi").mkdir()
         (tmp_path / "multi" / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid}))
         with pytest.raises(SystemExit, match="in use by another job"):
             RunDirClaim().on_multirun_start(config)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
     assert json.loads((folder / OWNER_FILE).read_text())["pid"] == os.getpid()
     import pickle
 
@@ -217,13 +218,9 @@ def test_resuming_last_skips_the_checkpoints_of_jobs_still_running(tmp_path):
         os.utime(run / "checkpoints" / "last.ckpt", (1000 + index, 1000 + index))  # `running` is the newest
     cfg = compose("train", [f"paths.root_dir={tmp_path}", "model=cresmd_tiny", f"hydra.run.dir={tmp_path / 'next'}"])
     assert resolve_ckpt_path("last", cfg) == str(running / "checkpoints" / "last.ckpt")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
+    with live_process() as sleeper:
         (running / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid}))
         assert resolve_ckpt_path("last", cfg) == str(older / "checkpoints" / "last.ckpt")
-    finally:
-        sleeper.kill()
-        sleeper.wait()
     assert resolve_ckpt_path("last", cfg) == str(running / "checkpoints" / "last.ckpt")  # it has ended
 
 
@@ -239,15 +236,11 @@ def test_run_training_refuses_a_folder_owned_by_a_live_job(train_cfg, tmp_path):
     cfg = train_cfg("debug=fast_dev_run")
     folder = Path(cfg.paths.output_dir)
     folder.mkdir(parents=True)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
+    with live_process() as sleeper:
         (folder / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid}))
         with pytest.raises(RunDirBusy, match=str(folder)):
             train(cfg)
         assert sorted(p.name for p in folder.iterdir()) == [OWNER_FILE]  # nothing written
-    finally:
-        sleeper.kill()
-        sleeper.wait()
 
 
 # ================================================================ 2. caches keyed by what they hold
