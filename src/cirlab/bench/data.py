@@ -166,19 +166,37 @@ def bench_pairs(
 
 
 def bench_pipeline(device: str, batch_size: int = 16, patch: int = 64, seconds: float = 10.0,
-                   num_workers: int = 2, warmup: int = 3) -> dict:
-    """Pairs/s of the DataModule: workers cut crops, ``on_after_batch_transfer`` makes pairs."""
-    from cirlab.data.datamodule import RestorationDataModule
+                   num_workers: int = 2, warmup: int = 3, pairs_on: str = "auto") -> dict:
+    """Pairs/s of the whole training pipeline, the pairs made where training on ``device`` makes them.
 
+    The embedded photos' :class:`~cirlab.data.datamodule.RestorationDataModule` (relative GT, all
+    three degradations, the default 10 px margin) with ``num_workers`` DataLoader workers.
+    ``pairs_on`` (``data.pairs_on``): ``auto`` resolves as a trainer on ``device`` would
+    (:func:`~cirlab.data.loading.resolve_pairs_on`): ``workers`` on the CPU with workers, else
+    ``device``. Each timed batch is fetched from the loader, moved to ``device`` and passed to
+    ``on_after_batch_transfer``, which makes the pairs (``device``) or passes the pair batch
+    through (``workers``): every batch's pairs are made exactly once. ``warmup`` batches are
+    discarded first (worker start-up; the workers' prefetched batches, at most ``2 num_workers``,
+    then count towards the timed run).
+
+    Returns:
+        dict with ``pairs_per_s``, ``batches``, ``elapsed_s``, ``num_workers``, ``pairs_on`` (as
+        given), ``pairs_made_on`` (``workers`` or ``device``), ``device``, ``batch``, ``patch``.
+    """
+    from cirlab.data.datamodule import RestorationDataModule
+    from cirlab.data.loading import resolve_pairs_on
+
+    dev = torch.device(device)
+    where = resolve_pairs_on(pairs_on, num_workers, dev.type)
     cache = Path(tempfile.gettempdir()) / "cirlab-bench-cache"
     datamodule = RestorationDataModule(
         train_dir=str(cache / "embedded" / "train"), val_dir=None, embedded_root=str(cache / "embedded"),
         patch_size=patch, batch_size=batch_size, batches_per_epoch=10**6, num_workers=num_workers, seed=0,
+        pairs_on=where,
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
-    dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     iterator = iter(loader)
     for _ in range(warmup):
@@ -192,4 +210,5 @@ def bench_pipeline(device: str, batch_size: int = 16, patch: int = 64, seconds: 
     sync()
     elapsed = time.perf_counter() - start
     return {"pairs_per_s": batches * batch_size / elapsed, "batches": batches, "elapsed_s": elapsed,
-            "num_workers": num_workers, "device": str(dev), "batch": batch_size, "patch": patch}
+            "num_workers": num_workers, "pairs_on": pairs_on, "pairs_made_on": datamodule.pairs_made_on,
+            "device": str(dev), "batch": batch_size, "patch": patch}

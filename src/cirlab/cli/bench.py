@@ -1,6 +1,6 @@
 """`cirlab bench` (`cirlab-bench`): measured figures, written with their command, date, machine and revision.
 
-    cirlab-bench data [--seconds 10] [--out docs/bench/data.json]
+    cirlab-bench data [--seconds 10] [--num-workers 2] [--pairs-on auto] [--threads N] [--out docs/bench/data.json]
     cirlab-bench search-step [--sizes tiny,full] [--out docs/bench/search_step.json]
     cirlab-bench cost [--cresmd C.ckpt] [--tasnet T.ckpt] [--tsnet S.ckpt] [--synthetic] [--naive 0.31,0.62,0.99]
                       [--resolutions 180x320,360x640] [--threads 1,all] [--repeats 3] [--out docs/bench/cost/]
@@ -11,9 +11,10 @@
 `data` measures the training pipeline's throughput in relative-GT pairs per second
 (64x64 patches, batch 16, all three degradations): once for pair synthesis alone
 (`make_pairs` on ready crops) and once for the whole pipeline (DataLoader workers cutting
-crops from the decoded embedded photos + synthesis on the device), on the CPU and, when
-present, on the GPU. Results are merged into a JSON file keyed by machine and device and
-printed as a Markdown table.
+crops from the decoded embedded photos + pair synthesis where training makes it: `--pairs-on`,
+as `data.pairs_on`; `auto` = in the workers on the CPU with workers, on the device otherwise),
+on the CPU and, when present, on the GPU. Results are merged into a JSON file keyed by machine,
+devices, workers and `--pairs-on`, and printed as a Markdown table.
 
 `search-step` measures one TASNet search training step against one plain CResMD training
 step (same batch 16 and 64x64 patches, interleaved, medians), for the tiny and the full network,
@@ -64,9 +65,11 @@ def run_data(args: argparse.Namespace) -> int:
     try:
         for device in devices:
             synthesis = bench_pairs(device=device, seconds=args.seconds)
-            pipeline = bench_pipeline(device, seconds=args.seconds, num_workers=args.num_workers)
+            pipeline = bench_pipeline(device, seconds=args.seconds, num_workers=args.num_workers,
+                                      pairs_on=args.pairs_on)
             rows.append({"device": device, "synthesis_pairs_per_s": synthesis["pairs_per_s"],
                          "pipeline_pairs_per_s": pipeline["pairs_per_s"], "num_workers": args.num_workers,
+                         "pairs_on": args.pairs_on, "pairs_made_on": pipeline["pairs_made_on"],
                          "torch_threads": torch.get_num_threads()})
     finally:
         torch.set_num_threads(previous_threads)
@@ -88,7 +91,7 @@ def run_data(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     existing = json.loads(out.read_text()) if out.exists() else {}
-    key = f"{record['machine']['host']}/{'+'.join(devices)}/workers={args.num_workers}"
+    key = f"{record['machine']['host']}/{'+'.join(devices)}/workers={args.num_workers}/pairs_on={args.pairs_on}"
     existing[key] = record
     write_json_atomically(out, existing)
     print(f"\n{record['command']}  ({record['date']}, rev {record['revision']}, "
@@ -97,14 +100,14 @@ def run_data(args: argparse.Namespace) -> int:
           f"{matmul_after['gflops_median']:.0f} after; CPU rates scaled to {REFERENCE_GFLOPS:.0f} GFLOP/s in brackets")
     print(f"pairs made with {rows[0]['torch_threads']} intra-op thread(s) (--threads; 1 is the relevant figure on "
           "a shared 2-core machine, where two threads on these small operations can be several times slower)")
-    print("| device | pair synthesis (pairs/s) | whole pipeline (pairs/s) |\n|---|---|---|")
+    print("| device | pair synthesis (pairs/s) | whole pipeline (pairs/s) | pairs made in |\n|---|---|---|---|")
     for row in rows:
         scaled = row["device"] == "cpu"
         synthesis = f"{row['synthesis_pairs_per_s']:,.0f}" + (
             f" [{row['synthesis_pairs_per_s_at_reference']:,.0f}]" if scaled else "")
         pipeline = f"{row['pipeline_pairs_per_s']:,.0f}" + (
             f" [{row['pipeline_pairs_per_s_at_reference']:,.0f}]" if scaled else "")
-        print(f"| {row['device']} | {synthesis} | {pipeline} |")
+        print(f"| {row['device']} | {synthesis} | {pipeline} | {row['pairs_made_on']} |")
     print(f"written to {out}")
     return 0
 
@@ -288,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="training-pipeline throughput (pairs/s)")
     data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
     data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers for the whole-pipeline figure")
+    data.add_argument("--pairs-on", choices=("auto", "workers", "device"), default="auto",
+                      help="where the whole pipeline makes the pairs (data.pairs_on): auto = the workers on the CPU "
+                           "when --num-workers > 0, else the device")
     data.add_argument("--threads", type=int, default=None,
                       help="torch intra-op threads while pairs are made (default: torch's setting, e.g. OMP_NUM_THREADS)")
     data.add_argument("--out", default="docs/bench/data.json", help="JSON file the figures are merged into")

@@ -1,20 +1,24 @@
 """The restoration DataModule: blur/noise/JPEG pairs made from clean crops of a folder.
 
-Training batches (after ``on_after_batch_transfer``, on the batch's device): the pairs of
+Training batches (after ``on_after_batch_transfer``): the pairs of
 :func:`~cirlab.data.sampling.make_pairs` (float ``(B, 3, P, P)`` images in ``[0, 1]`` and their
-task-space levels, relative or absolute ground truth) plus the sample ``id``. DataLoader workers
-only cut clean uint8 crops out of the training images (:mod:`cirlab.data.loading`: keyed by
+task-space levels, relative or absolute ground truth) plus the sample ``id``. The DataLoader's
+dataset cuts clean uint8 crops out of the training images (:mod:`cirlab.data.loading`: keyed by
 sample id, disjoint over ranks, resumable), each with ``degrade_margin`` pixels of the image
-around its patch: the pair step degrades the whole crop and then cuts the patch out, so a
+around its patch. :class:`RestorationPairMaker` turns a crop batch into pairs, either in the
+DataLoader workers' collate function or in ``on_after_batch_transfer`` on the batch's device
+(``data.pairs_on``; ``auto``: in the workers when training runs on the CPU with workers, on the
+device otherwise, :func:`~cirlab.data.loading.resolve_pairs_on`); both give the same pairs. The
+pair step degrades the whole crop and then cuts the patch out, so a
 training patch is blurred and JPEG-compressed as the same window of a whole degraded image is
 (blur reads the real neighbours, not replicate padding at the patch's edge; the JPEG block grid
 sits at a random phase to the patch); :meth:`RestorationDataModule.setup` decodes those
 images once per node into a file under ``<cache_dir>/decoded``
 (:class:`~cirlab.data.image_cache.DecodedImageCache`) that every DDP rank of the node and every
 later run memory-maps (without ``cache_dir``: into the process's shared memory), and keeps them
-for the DataModule's lifetime. The degradations are synthesised batched on the batch's device
-(the GPU when training runs there), from a generator seeded with ``mix_seed(seed, first id of the
-batch)``.
+for the DataModule's lifetime. The degradations are synthesised batched, on the batch's device
+(the GPU when training runs there and ``pairs_on`` resolves to ``device``) or in the workers on
+the CPU, from a generator seeded with ``mix_seed(seed, first id of the batch)``.
 
 Validation / test items: the deterministic sets of :mod:`cirlab.data.evalsets` (every image at
 every point of a level grid, generated once and cached on disk under ``cache_dir``), one whole
@@ -38,9 +42,11 @@ from cirlab.data.loading import (
     batch_offsets,
     check_crop_settings,
     check_margin,
+    check_pairs_on,
     crop_loader,
     decode_training_images,
     mix_seed,
+    pairs_in_workers,
     scan_training_folder,
     shard_loader,
 )
@@ -69,6 +75,31 @@ def _typed(value: Any, cls: type, key: str):
     raise ValueError(f"{key} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}")
 
 
+class RestorationPairMaker:
+    """Crop batch -> training pairs: the one implementation behind both places pairs are made.
+
+    A small picklable object (the sampler, seed, patch size and margin; never the DataModule, which
+    holds the trainer), so DataLoader workers can run it under any start method. Called with a
+    collated crop batch ``{"clean": (B, 3, S, S) uint8, "offset": (B, 2), "id": (B,)}`` on any
+    device; returns :func:`~cirlab.data.sampling.make_pairs`'s dict plus ``id``, on that device.
+    The generator is seeded with ``mix_seed(seed, id[0])``, so the pairs are a function of the
+    crop batch: a worker (one intra-op thread) gives the same bytes as the main process at one
+    thread (another thread count may round some float sums differently).
+    """
+
+    def __init__(self, sampler: PairSampler, seed: int, patch_size: int, margin: int) -> None:
+        self.sampler, self.seed, self.patch_size, self.margin = sampler, seed, patch_size, margin
+
+    def __call__(self, batch: dict) -> dict:
+        offsets = batch_offsets(batch, self.patch_size, self.margin)
+        clean = batch["clean"].float().div_(255)
+        generator = torch.Generator(device=clean.device)
+        generator.manual_seed(mix_seed(self.seed, batch["id"][0]))
+        pairs = make_pairs(clean, self.sampler, generator=generator, offsets=offsets, patch_size=self.patch_size)
+        pairs["id"] = batch["id"]
+        return pairs
+
+
 class RestorationDataModule(L.LightningDataModule):
     """Relative-ground-truth blur/noise/JPEG pairs for controllable restoration.
 
@@ -78,7 +109,7 @@ class RestorationDataModule(L.LightningDataModule):
         patch_size: training crop size in pixels (must be even).
         batch_size: training pairs per batch (per rank).
         batches_per_epoch: length of one training epoch in batches.
-        num_workers: DataLoader workers cutting crops.
+        num_workers: DataLoader workers cutting crops (and making the pairs, see ``pairs_on``).
         degradation, sampling: ``DegradationConfig`` / ``SamplingConfig``, or mappings of their
             fields (None: the defaults).
         val_grid, test_grid: level grid names (``cresmd27``) or lists of task-space triples.
@@ -95,6 +126,13 @@ class RestorationDataModule(L.LightningDataModule):
         degrade_margin: pixels of image context around each training patch while it is degraded
             (default 10, the reach of the 21x21 blur kernel, so even r = 4 reads only real pixels;
             0: degrade the bare patch, the JPEG grid at its corner, as earlier releases).
+        pairs_on: where training pairs are made: ``"device"`` in ``on_after_batch_transfer`` on
+            the batch's device (the GPU when training runs there); ``"workers"`` in the
+            DataLoader's collate function, i.e. in the worker processes (the main process at fetch
+            time with ``num_workers=0``), on the CPU; ``"auto"`` (default) ``workers`` when
+            ``num_workers > 0`` and the trainer runs on the CPU, ``device`` otherwise
+            (:func:`~cirlab.data.loading.resolve_pairs_on`, resolved when the training loader
+            is built, stored in ``pairs_made_on``). Both give the same pairs.
     """
 
     def __init__(
@@ -121,9 +159,12 @@ class RestorationDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         overfit_batches: int | None = None,
         degrade_margin: int = KERNEL_SIZE // 2,
+        pairs_on: str = "auto",
     ) -> None:
         super().__init__()
         check_crop_settings(patch_size, batch_size, batches_per_epoch, num_workers, on_bad, overfit_batches)
+        self.pairs_on = check_pairs_on(pairs_on)
+        self.pairs_made_on: str | None = None  # "workers" or "device" once the training loader is built
         self.degrade_margin = check_margin(degrade_margin)
         self.degradation = _typed(degradation, DegradationConfig, "degradation")
         if 0 < self.degrade_margin < KERNEL_SIZE // 2 and "blur" in self.degradation.types:
@@ -199,7 +240,8 @@ class RestorationDataModule(L.LightningDataModule):
         return crop_loader(self.train_images, patch_size=self.patch_size, batch_size=self.batch_size,
                            batches_per_epoch=self.batches_per_epoch, seed=self.seed, num_workers=self.num_workers,
                            pin_memory=self.pin_memory, overfit_batches=self.overfit_batches,
-                           trainer=lambda: self.trainer, margin=self.degrade_margin)
+                           trainer=lambda: self.trainer, margin=self.degrade_margin,
+                           make_pairs=self.pair_maker if pairs_in_workers(self) else None)
 
     def val_dataloader(self) -> DataLoader:
         return shard_loader(self.val_set, "val", trainer=self.trainer, num_workers=self.num_workers,
@@ -210,21 +252,22 @@ class RestorationDataModule(L.LightningDataModule):
                             pin_memory=self.pin_memory)
 
     # ----------------------------------------------------------------------------- pairs
+    @property
+    def pair_maker(self) -> RestorationPairMaker:
+        """The picklable pair step of this DataModule's settings (used by workers and ``on_after_batch_transfer``)."""
+        return RestorationPairMaker(self.sampler, self.seed, self.patch_size, self.degrade_margin)
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Turn a training batch of clean crops into degraded pairs, on the batch's device.
 
         The crops come from :func:`~cirlab.data.loading.crop_loader` (``clean`` margin crops and
-        each patch's ``offset``); the whole crop is degraded and the ``patch_size`` patch cut out.
+        each patch's ``offset``); the whole crop is degraded and the ``patch_size`` patch cut out
+        (:class:`RestorationPairMaker`). Batches without ``clean`` (pairs made in the workers,
+        evaluation items) pass through unchanged.
         """
         if "clean" not in batch:
             return batch
-        offsets = batch_offsets(batch, self.patch_size, self.degrade_margin)
-        clean = batch["clean"].float().div_(255)
-        generator = torch.Generator(device=clean.device)
-        generator.manual_seed(mix_seed(self.seed, batch["id"][0]))
-        pairs = make_pairs(clean, self.sampler, generator=generator, offsets=offsets, patch_size=self.patch_size)
-        pairs["id"] = batch["id"]
-        return pairs
+        return self.pair_maker(batch)
 
     def example_inputs(self, count: int = 1) -> torch.Tensor | None:
         """A few clean validation images (N, 3, H, W) in [0, 1] for output pictures."""

@@ -32,10 +32,13 @@ SR tables score the BT.601 Y channel of the RGB output, rounded to integers as M
 uint8 images (``y_rounded``), as the paper's tables. The reference's
 README trains its DeJPEG model on luminance only; that variant is not provided here.
 
-Training (:class:`LevelDataModule`): the crop stream of :mod:`cirlab.data.loading` (workers cut
-clean crops keyed by sample id; the stream is a function of seed, batch index and rank, so
-resumed runs continue it). In ``on_after_batch_transfer`` each batch of clean crops is degraded
-at every one of the k training levels: the batch becomes ``inputs`` (k, B, 3, P, P) and
+Training (:class:`LevelDataModule`): the crop stream of :mod:`cirlab.data.loading` (clean crops
+keyed by sample id; the stream is a function of seed, batch index and rank, so resumed runs
+continue it). :class:`LevelPairMaker` degrades each batch of clean crops at every one of the k
+training levels, in the DataLoader workers' collate function or in ``on_after_batch_transfer``
+on the batch's device (``data.pairs_on``, as :class:`~cirlab.data.datamodule.RestorationDataModule`;
+``auto``: in the workers when training runs on the CPU with workers): the batch becomes
+``inputs`` (k, B, 3, P, P) and
 ``target`` (B, 3, P, P), float in [0, 1] (the same crops, same flips, for every level), and
 ``levels`` (k, 1), the normalised levels. [choice] The
 degradation is synthesised at every step (the reference degrades whole images once and crops
@@ -78,10 +81,12 @@ from cirlab.data.loading import (
     batch_offsets,
     check_crop_settings,
     check_margin,
+    check_pairs_on,
     crop_loader,
     cut_patches,
     decode_training_images,
     mix_seed,
+    pairs_in_workers,
     scan_training_folder,
     shard_loader,
 )
@@ -310,6 +315,36 @@ class LevelSetDataset(Dataset):
         }
 
 
+class LevelPairMaker:
+    """Crop batch -> k-level training batch: the one implementation behind both places it is made.
+
+    Picklable (task, levels, level scale, seed, patch size, margin; not the DataModule), so
+    DataLoader workers can run it under any start method. Called with a collated crop batch
+    ``{"clean": (B, 3, S, S) uint8, "offset": (B, 2), "id": (B,)}`` on any device; returns
+    ``inputs`` (k, B, 3, P, P), ``target`` (B, 3, P, P) float in [0, 1], ``levels`` (k, 1)
+    normalised and ``id``, on that device. Every level degrades the whole crop (one generator
+    seeded with ``mix_seed(seed, id[0])``, drawn level after level), then the patch is cut out.
+    """
+
+    def __init__(self, task: str, levels: Sequence[float], level_scale: float, seed: int, patch_size: int,
+                 margin: int) -> None:
+        self.task, self.levels, self.level_scale = task, list(levels), float(level_scale)
+        self.seed, self.patch_size, self.margin = seed, patch_size, margin
+
+    def __call__(self, batch: dict) -> dict:
+        offsets = batch_offsets(batch, self.patch_size, self.margin)
+        clean = batch["clean"]
+        generator = torch.Generator(device=clean.device)
+        generator.manual_seed(mix_seed(self.seed, batch["id"][0]))
+        inputs = [degrade_level(clean, self.task, level, generator, sr_upscale="scale") for level in self.levels]
+        if offsets is not None:
+            inputs = [cut_patches(x, offsets, self.patch_size) for x in inputs]
+            clean = cut_patches(clean, offsets, self.patch_size)
+        levels = torch.tensor(self.levels, dtype=torch.float32, device=clean.device).div_(self.level_scale)
+        return {"inputs": torch.stack(inputs).float().div_(255), "target": clean.float().div(255),
+                "levels": levels[:, None], "id": batch["id"]}
+
+
 class LevelDataModule(L.LightningDataModule):
     """Training batches of k degraded versions of the same clean crops, one per training level.
 
@@ -333,6 +368,11 @@ class LevelDataModule(L.LightningDataModule):
         degrade_margin: pixels of image context around each training patch while it is degraded
             (None: the task's default, :data:`TASK_MARGINS`: 0 for denoise, 10 for dejpeg,
             :func:`sr_reach` of the largest scale for sr).
+        pairs_on: where the k-level batches are made: ``"device"`` (``on_after_batch_transfer``,
+            on the batch's device), ``"workers"`` (the DataLoader's collate function, in the
+            worker processes, or the main process at fetch time with ``num_workers=0``) or
+            ``"auto"`` (default: ``workers`` when ``num_workers > 0`` and the trainer runs on the
+            CPU, else ``device``; :func:`~cirlab.data.loading.resolve_pairs_on`). Same batches either way.
 
     Batches: ``inputs`` (k, B, 3, P, P), ``target`` (B, 3, P, P), both float in [0, 1],
     ``levels`` (k, 1) normalised, and ``id``. Evaluation items: see :class:`LevelSetDataset`.
@@ -364,9 +404,12 @@ class LevelDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         overfit_batches: int | None = None,
         degrade_margin: int | None = None,
+        pairs_on: str = "auto",
     ) -> None:
         super().__init__()
         check_crop_settings(patch_size, batch_size, batches_per_epoch, num_workers, on_bad, overfit_batches)
+        self.pairs_on = check_pairs_on(pairs_on)
+        self.pairs_made_on: str | None = None  # "workers" or "device" once the training loader is built
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
         self.patch_size, self.batch_size = patch_size, batch_size
         self.batches_per_epoch, self.num_workers = batches_per_epoch, num_workers
@@ -450,7 +493,8 @@ class LevelDataModule(L.LightningDataModule):
         return crop_loader(self.train_images, patch_size=self.patch_size, batch_size=self.batch_size,
                            batches_per_epoch=self.batches_per_epoch, seed=self.seed, num_workers=self.num_workers,
                            pin_memory=self.pin_memory, overfit_batches=self.overfit_batches,
-                           trainer=lambda: self.trainer, margin=self.degrade_margin)
+                           trainer=lambda: self.trainer, margin=self.degrade_margin,
+                           make_pairs=self.pair_maker if pairs_in_workers(self) else None)
 
     def val_dataloader(self) -> DataLoader:
         return shard_loader(self.val_set, "val", trainer=self.trainer, num_workers=self.num_workers,
@@ -461,25 +505,23 @@ class LevelDataModule(L.LightningDataModule):
                             pin_memory=self.pin_memory)
 
     # ------------------------------------------------------------------ training batches
+    @property
+    def pair_maker(self) -> LevelPairMaker:
+        """The picklable k-level step of this DataModule's settings (workers and ``on_after_batch_transfer``)."""
+        return LevelPairMaker(self.task, self.levels, self.level_scale, self.seed, self.patch_size,
+                              self.degrade_margin)
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Clean crops -> k degraded versions (one per training level), on the batch's device.
 
         The crops come from :func:`~cirlab.data.loading.crop_loader` (margin crops and each
-        patch's ``offset``): every level degrades the whole crop, then the patch is cut out.
+        patch's ``offset``): every level degrades the whole crop, then the patch is cut out
+        (:class:`LevelPairMaker`). Batches without ``clean`` (made in the workers, evaluation
+        items) pass through unchanged.
         """
         if "clean" not in batch:
             return batch
-        offsets = batch_offsets(batch, self.patch_size, self.degrade_margin)
-        clean = batch["clean"]
-        generator = torch.Generator(device=clean.device)
-        generator.manual_seed(mix_seed(self.seed, batch["id"][0]))
-        inputs = [degrade_level(clean, self.task, level, generator, sr_upscale="scale") for level in self.levels]
-        if offsets is not None:
-            inputs = [cut_patches(x, offsets, self.patch_size) for x in inputs]
-            clean = cut_patches(clean, offsets, self.patch_size)
-        levels = torch.tensor(self.levels, dtype=torch.float32, device=clean.device).div_(self.level_scale)
-        return {"inputs": torch.stack(inputs).float().div_(255), "target": clean.float().div(255),
-                "levels": levels[:, None], "id": batch["id"]}
+        return self.pair_maker(batch)
 
     def example_inputs(self, count: int = 1) -> None:
         """None: the 3-D task-grid picture does not apply to single-type levels (see ``level_example``)."""

@@ -1,7 +1,13 @@
 """Loading shared by the DataModules: keyed clean crops, a resumable batch stream, sharded evaluation.
 
-Training batches are clean crops only: ``{"clean": (B, 3, S, S) uint8, "offset": (B, 2) int64,
-"id": (B,) int64}``; each DataModule turns them into its pairs in ``on_after_batch_transfer``.
+The training stream's samples are clean crops: ``{"clean": (B, 3, S, S) uint8, "offset": (B, 2)
+int64, "id": (B,) int64}`` once collated. Each DataModule turns a crop batch into its pairs with a
+small picklable pair maker, in one of two places (``data.pairs_on``, :func:`resolve_pairs_on`):
+``device``, in ``on_after_batch_transfer`` on the batch's device (the GPU when training runs
+there), or ``workers``, in the DataLoader's collate function (:class:`PairCollate`), so the
+worker processes make the pairs (with ``num_workers=0``: the main process, at fetch time) and
+``on_after_batch_transfer`` passes the pair batch through. The pair step is seeded from the
+batch's first sample id, so both places give the same pairs.
 With a degradation margin ``m > 0`` a crop is larger than the training patch (``S = P + 2 m +
 JPEG_GRID - 1``, :func:`margin_crop_size`): the pair step degrades the whole crop, so blur and
 JPEG see the image around the patch as they do on a whole image, and then cuts the ``P x P``
@@ -25,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 if TYPE_CHECKING:
     import lightning as L
@@ -36,20 +42,25 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "JPEG_GRID",
+    "PAIRS_ON",
     "SEED_STRIDE",
     "CropDataset",
+    "PairCollate",
     "ShardSampler",
     "SteppedBatchSampler",
     "SteppedDataLoader",
     "batch_offsets",
     "check_crop_settings",
     "check_margin",
+    "check_pairs_on",
     "crop_loader",
     "cut_patches",
     "decode_training_images",
     "margin_crop_size",
     "mix_seed",
+    "pairs_in_workers",
     "rank_and_world",
+    "resolve_pairs_on",
     "scan_training_folder",
     "shard_loader",
 ]
@@ -291,6 +302,69 @@ def check_margin(margin: object, key: str = "data.degrade_margin") -> int:
     return int(margin)
 
 
+#: Values of ``data.pairs_on``: where training pairs are made (see :func:`resolve_pairs_on`).
+PAIRS_ON = ("auto", "workers", "device")
+
+
+def check_pairs_on(value: object, key: str = "data.pairs_on") -> str:
+    """``value`` if it is one of :data:`PAIRS_ON`; ``ValueError`` naming ``key`` otherwise."""
+    if not isinstance(value, str) or value not in PAIRS_ON:
+        raise ValueError(f"{key}={value!r} must be one of {', '.join(PAIRS_ON)} (where training pairs are made)")
+    return value
+
+
+def resolve_pairs_on(pairs_on: str, num_workers: int, device_type: str = "cpu") -> str:
+    """Where the training pairs are made: ``"workers"`` or ``"device"``.
+
+    ``auto`` is ``workers`` when there are DataLoader workers (``num_workers > 0``) and training
+    runs on the CPU (``device_type``, the trainer's root device type), ``device`` otherwise.
+
+    [choice] On the CPU, ``device`` makes the pairs in the main process between training steps,
+    on about one core (TorchCodec's JPEG encoder holds the GIL, so threads do not help); worker
+    processes make them on the other cores, overlapped with the step. On a GPU the batched
+    degradations run much faster on the device, and the crops (uint8, unpadded) are the smaller
+    transfer, so ``auto`` keeps them there. ``workers`` with a GPU trainer is allowed (the pairs
+    are then made on the CPU, with the same libjpeg codec the evaluation sets use).
+    """
+    check_pairs_on(pairs_on)
+    if pairs_on != "auto":
+        return pairs_on
+    return "workers" if num_workers > 0 and device_type == "cpu" else "device"
+
+
+def pairs_in_workers(datamodule: L.LightningDataModule) -> bool:
+    """Whether ``datamodule``'s training loader makes the pairs: its ``pairs_on`` resolved against
+    its ``num_workers`` and its trainer's root device (no trainer: the CPU), stored as
+    ``datamodule.pairs_made_on``. Logs once per DataModule when the pairs are made on the CPU
+    for a trainer on another device."""
+    trainer = datamodule.trainer
+    device = "cpu" if trainer is None else trainer.strategy.root_device.type
+    where = resolve_pairs_on(datamodule.pairs_on, datamodule.num_workers, device)
+    datamodule.pairs_made_on = where
+    if where == "workers" and device != "cpu" and not getattr(datamodule, "_logged_cpu_pairs", False):
+        datamodule._logged_cpu_pairs = True
+        log.info("data.pairs_on=workers: training pairs are made on the CPU (in %s) while training runs on %s",
+                 "the DataLoader workers" if datamodule.num_workers else "the main process",
+                 trainer.strategy.root_device)
+    return where == "workers"
+
+
+class PairCollate:
+    """Collate function that makes the training pairs where the batch is collated (the workers).
+
+    ``make_pairs`` is a picklable callable (the DataModule's pair maker, never the DataModule,
+    which holds the trainer): it takes a collated crop batch (``clean``, ``offset``, ``id``) and
+    returns the pair batch. Pairs are made in the worker with one intra-op thread (PyTorch's
+    worker default).
+    """
+
+    def __init__(self, make_pairs: Callable[[dict], dict]) -> None:
+        self.make_pairs = make_pairs
+
+    def __call__(self, samples: list[dict]) -> dict:
+        return self.make_pairs(default_collate(samples))
+
+
 # ---------------------------------------------------------------------------------- training
 def scan_training_folder(train_dir: str | None, patch_size: int, on_bad: str) -> list[Path]:
     """Validate every file of the training folder (before training starts); return its usable images.
@@ -332,11 +406,14 @@ def _batches(trainer: L.Trainer | None, count: str) -> int:
 
 def crop_loader(images, *, patch_size: int, batch_size: int, batches_per_epoch: int, seed: int, num_workers: int,
                 pin_memory: bool, overfit_batches: int | None,
-                trainer: Callable[[], L.Trainer | None], margin: int = 0) -> SteppedDataLoader:
+                trainer: Callable[[], L.Trainer | None], margin: int = 0,
+                make_pairs: Callable[[dict], dict] | None = None) -> SteppedDataLoader:
     """The training stream over ``images`` (see the module docstring); ``margin``: see :class:`CropDataset`.
 
     ``trainer`` returns the current trainer (or None); it is read when the loader is built (rank,
     world size) and at each epoch start and checkpoint (batches completed / processed so far).
+    ``make_pairs``: None, the loader yields crop batches; else a picklable pair maker that the
+    collate function applies (:class:`PairCollate`), so the loader yields pair batches.
 
     Raises:
         RuntimeError: ``images`` is None (no training folder configured).
@@ -347,8 +424,10 @@ def crop_loader(images, *, patch_size: int, batch_size: int, batches_per_epoch: 
     dataset = CropDataset(images, patch_size, seed, margin=margin)
     batch_sampler = SteppedBatchSampler(batch_size, batches_per_epoch, rank, world,
                                         lambda: _batches(trainer(), "completed"), repeat=overfit_batches)
+    collate = None if make_pairs is None else PairCollate(make_pairs)
     return SteppedDataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
-                             persistent_workers=False, position=lambda: _batches(trainer(), "processed"))
+                             persistent_workers=False, collate_fn=collate,
+                             position=lambda: _batches(trainer(), "processed"))
 
 
 # ---------------------------------------------------------------------------------- evaluation
