@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -498,3 +499,26 @@ def test_dangling_and_looping_links_are_skipped_with_a_warning_naming_them(tmp_p
     warned = " ".join(r.getMessage() for r in caplog.records)
     for name in ("dangling.png", "loop_a.png", "loop_b.png"):
         assert f"{folder / name}'" in warned, warned
+
+
+def test_fifos_and_sockets_named_like_images_are_named_not_opened(tmp_path, caplog):
+    import socket
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    save_rgb(folder / "good.png")
+    os.mkfifo(folder / "pipe.png")  # opening it for reading would block forever
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "sock.jpg"))
+    os.mkfifo(folder / "pipe.txt")  # not named like an image: ignored like any other non-image
+    try:
+        err = assert_error(scan_folder, folder, contains=("2 of 3", "pipe.png' is a FIFO", "sock.jpg' is a socket"))
+        assert len(err.problems) == 2
+        assert_error(check_image, folder / "pipe.png", contains=("FIFO (named pipe)", "not an image file"))
+        with caplog.at_level(logging.WARNING, logger="cirlab.data.image_files"):
+            good = scan_folder(folder, on_bad="skip")
+        assert [p.name for p in good] == ["good.png"]
+        warned = " ".join(r.getMessage() for r in caplog.records)
+        assert f"{folder / 'pipe.png'}'" in warned and f"{folder / 'sock.jpg'}'" in warned, warned
+    finally:
+        server.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -143,7 +144,9 @@ def list_images(
 
     A symbolic link named like an image whose target is missing or loops is listed too (it is
     not dropped silently): :func:`check_image` / :func:`scan_folder` then name it as a broken link
-    or a link loop. Other entries that are neither files nor folders (sockets, FIFOs) are ignored.
+    or a link loop. So is any other entry named like an image that is not a regular file (a FIFO,
+    socket or device): checking it names it as such instead of opening it. Entries of that kind
+    with other names are ignored like other non-image files.
     """
     root = _as_folder(folder, config_key)
     if not root.exists():
@@ -160,9 +163,12 @@ def list_images(
     for p in candidates:
         if p.is_dir():
             subdirs.append(p)
-        elif p.is_file() or (p.is_symlink() and _is_image_name(p)):
-            # a dangling or looping link named like an image is listed, so that checking it names it
-            (images if _is_image_name(p) else others).append(p)
+        elif _is_image_name(p):
+            # a dangling or looping link, a FIFO or a socket named like an image is listed too, so
+            # that checking it names it (nothing named like an image is dropped silently)
+            images.append(p)
+        elif p.is_file():
+            others.append(p)
     if not images:
         exts = ", ".join(IMAGE_EXTENSIONS)
         where = "or its subfolders " if recursive else ""
@@ -204,6 +210,19 @@ def _is_loop(path: Path) -> bool:
     return False
 
 
+def _check_regular(path: Path, name: str) -> None:
+    """``ImageFolderError`` if ``path`` exists but is not a regular file (opening a FIFO would block)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # missing, a broken link or a loop: open() below names it
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise ImageFolderError(f"{name} is {kind}, not an image file; remove it or move it out of the folder",
+                               path=path)
+
+
 def _bits_per_sample(header: bytes, img: Image.Image) -> int | None:
     """Largest bits-per-sample the file declares, where the format says (PNG, TIFF)."""
     if header[:8] == _PNG_SIGNATURE and header[12:16] == b"IHDR" and len(header) >= 25:
@@ -226,6 +245,7 @@ def _open_verified(
         raise ValueError(f"load mode must be one of {_LOAD_MODES}, got {mode!r}")
     _check_pillow_settings()
     name = f"image '{path}'"
+    _check_regular(path, name)
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the `with fh` below
     except OSError as e:
