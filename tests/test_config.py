@@ -155,3 +155,13 @@ def test_an_eval_set_spec_names_the_config_key_of_a_bad_count_or_crop():
         EvalSetSpec(folder="x", max_images=-1, config_key="data.test_dir")
     with pytest.raises(ValueError, match=r"data\.val_crop=-10"):
         EvalSetSpec(folder="x", crop=-10)
+
+
+def test_multi_gpu_trainers_train_as_the_single_gpu_one():
+    """trainer=ddp and trainer=slurm keep trainer=gpu's numerics (bf16 autocast, cuDNN benchmark)."""
+    single = compose("train", ["trainer=gpu"]).trainer
+    for option in ("ddp", "slurm"):
+        overrides = [f"trainer={option}"] + (["hydra/launcher=slurm"] if option == "slurm" else [])
+        trainer = compose("train", overrides).trainer
+        assert (trainer.precision, trainer.benchmark, trainer.accelerator) == \
+            (single.precision, single.benchmark, single.accelerator), option
