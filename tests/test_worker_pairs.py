@@ -178,3 +178,21 @@ def test_spawned_workers_make_the_same_pairs(train_folder, one_thread):
     loader.multiprocessing_context = "spawn"
     assert_same_batches(training_batches(device, 2),
                         [spawned.on_after_batch_transfer(b, 0) for b in itertools.islice(loader, 2)])
+
+
+@pytest.mark.slow  # three short training runs with worker processes
+def test_a_run_resumed_with_pairs_in_workers_trains_as_the_straight_run(train_cfg, tmp_path):
+    """Lightning's fit with the pair-making collate: the loader's position in the checkpoint still
+    resumes the stream exactly (same weights as an uninterrupted run)."""
+    from cirlab.training import train
+
+    common = ["data.num_workers=2", "data.pairs_on=workers", "data.batches_per_epoch=3", "test=false",
+              "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.task_grid_picture=null"]
+    train(train_cfg(*common, "trainer.max_steps=5", f"hydra.run.dir={tmp_path / 'straight'}"))
+    train(train_cfg(*common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'resumed'}"))
+    train(train_cfg(*common, "trainer.max_steps=5", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'resumed'}"))
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+            for run in ("straight", "resumed"))
+    assert a["global_step"] == b["global_step"] == 5
+    for key, value in a["state_dict"].items():  # same data stream => same weights
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)

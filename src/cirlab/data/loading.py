@@ -321,10 +321,12 @@ def resolve_pairs_on(pairs_on: str, num_workers: int, device_type: str = "cpu") 
 
     [choice] On the CPU, ``device`` makes the pairs in the main process between training steps,
     on about one core (TorchCodec's JPEG encoder holds the GIL, so threads do not help); worker
-    processes make them on the other cores, overlapped with the step. On a GPU the batched
-    degradations run much faster on the device, and the crops (uint8, unpadded) are the smaller
-    transfer, so ``auto`` keeps them there. ``workers`` with a GPU trainer is allowed (the pairs
-    are then made on the CPU, with the same libjpeg codec the evaluation sets use).
+    processes make them on the other cores, overlapped with the step (each batch then costs more
+    CPU: collating into shared memory and handing the pairs over; on 2 cores that roughly cancels
+    the second core, see docs/method.md). On a GPU the batched degradations run much faster on
+    the device, and the uint8 margin crops are a third of the bytes of the float pairs, so
+    ``auto`` keeps them there. ``workers`` with a GPU trainer is allowed (the pairs are then made
+    on the CPU, with the same libjpeg codec the evaluation sets use).
     """
     check_pairs_on(pairs_on)
     if pairs_on != "auto":
@@ -341,6 +343,9 @@ def pairs_in_workers(datamodule: L.LightningDataModule) -> bool:
     device = "cpu" if trainer is None else trainer.strategy.root_device.type
     where = resolve_pairs_on(datamodule.pairs_on, datamodule.num_workers, device)
     datamodule.pairs_made_on = where
+    log.info("training pairs made in %s (data.pairs_on=%s, data.num_workers=%d, trainer on %s)",
+             "the DataLoader's collate function" if where == "workers" else "on_after_batch_transfer",
+             datamodule.pairs_on, datamodule.num_workers, device)
     if where == "workers" and device != "cpu" and not getattr(datamodule, "_logged_cpu_pairs", False):
         datamodule._logged_cpu_pairs = True
         log.info("data.pairs_on=workers: training pairs are made on the CPU (in %s) while training runs on %s",
