@@ -196,3 +196,20 @@ def test_a_run_resumed_with_pairs_in_workers_trains_as_the_straight_run(train_cf
     assert a["global_step"] == b["global_step"] == 5
     for key, value in a["state_dict"].items():  # same data stream => same weights
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_the_pair_step_never_reads_the_id_tensor_back_from_the_device(train_folder, one_thread):
+    """The generator's seed comes from ``first_id``, a host int the loader's collate sets: on a GPU,
+    reading ``id[0]`` would wait for every queued kernel. Ids on the meta device (no values: any
+    read raises) stand in for device tensors; the pairs equal those made from the plain batch."""
+    for datamodule in (restoration(train_folder, num_workers=0, pairs_on="device"),
+                       levels(train_folder, "dejpeg", num_workers=0, pairs_on="device")):
+        crops = next(iter(datamodule.train_dataloader()))
+        assert crops["first_id"] == int(crops["id"][0]) and isinstance(crops["first_id"], int)
+        expected = datamodule.on_after_batch_transfer(dict(crops), 0)
+        on_meta = dict(crops, id=crops["id"].to("meta"))
+        pairs = datamodule.on_after_batch_transfer(on_meta, 0)
+        assert pairs["id"].device.type == "meta" and "first_id" not in pairs
+        for key, value in expected.items():
+            if key != "id":
+                assert torch.equal(pairs[key], value), key

@@ -45,6 +45,7 @@ from cirlab.data.loading import (
     check_pairs_on,
     crop_loader,
     decode_training_images,
+    first_sample_id,
     mix_seed,
     pairs_in_workers,
     scan_training_folder,
@@ -94,7 +95,7 @@ class RestorationPairMaker:
         offsets = batch_offsets(batch, self.patch_size, self.margin)
         clean = batch["clean"].float().div_(255)
         generator = torch.Generator(device=clean.device)
-        generator.manual_seed(mix_seed(self.seed, batch["id"][0]))
+        generator.manual_seed(mix_seed(self.seed, first_sample_id(batch)))
         pairs = make_pairs(clean, self.sampler, generator=generator, offsets=offsets, patch_size=self.patch_size)
         pairs["id"] = batch["id"]
         return pairs

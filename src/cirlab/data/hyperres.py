@@ -85,6 +85,7 @@ from cirlab.data.loading import (
     crop_loader,
     cut_patches,
     decode_training_images,
+    first_sample_id,
     mix_seed,
     pairs_in_workers,
     scan_training_folder,
@@ -335,7 +336,7 @@ class LevelPairMaker:
         offsets = batch_offsets(batch, self.patch_size, self.margin)
         clean = batch["clean"]
         generator = torch.Generator(device=clean.device)
-        generator.manual_seed(mix_seed(self.seed, batch["id"][0]))
+        generator.manual_seed(mix_seed(self.seed, first_sample_id(batch)))
         inputs = [degrade_level(clean, self.task, level, generator, sr_upscale="scale") for level in self.levels]
         if offsets is not None:
             inputs = [cut_patches(x, offsets, self.patch_size) for x in inputs]

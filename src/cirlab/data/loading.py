@@ -53,9 +53,11 @@ __all__ = [
     "check_crop_settings",
     "check_margin",
     "check_pairs_on",
+    "collate_crops",
     "crop_loader",
     "cut_patches",
     "decode_training_images",
+    "first_sample_id",
     "margin_crop_size",
     "mix_seed",
     "pairs_in_workers",
@@ -354,6 +356,23 @@ def pairs_in_workers(datamodule: L.LightningDataModule) -> bool:
     return where == "workers"
 
 
+def collate_crops(samples: list[dict]) -> dict:
+    """``default_collate`` of crop samples plus ``first_id``: the batch's first sample id as a
+    Python int, read here on the CPU. The pair step seeds its generator from it
+    (:func:`first_sample_id`), so making pairs on a GPU never copies the ``id`` tensor back to the
+    host (that read would wait for every queued kernel)."""
+    batch = default_collate(samples)
+    batch["first_id"] = int(batch["id"][0])
+    return batch
+
+
+def first_sample_id(batch: dict) -> int:
+    """The first sample id of a crop batch: its ``first_id`` (set by :func:`collate_crops`) or, for
+    a batch collated elsewhere, ``int(batch["id"][0])`` (a host synchronisation on a GPU)."""
+    first = batch.get("first_id")
+    return int(batch["id"][0]) if first is None else int(first)
+
+
 class PairCollate:
     """Collate function that makes the training pairs where the batch is collated (the workers).
 
@@ -367,7 +386,7 @@ class PairCollate:
         self.make_pairs = make_pairs
 
     def __call__(self, samples: list[dict]) -> dict:
-        return self.make_pairs(default_collate(samples))
+        return self.make_pairs(collate_crops(samples))
 
 
 # ---------------------------------------------------------------------------------- training
@@ -429,7 +448,7 @@ def crop_loader(images, *, patch_size: int, batch_size: int, batches_per_epoch: 
     dataset = CropDataset(images, patch_size, seed, margin=margin)
     batch_sampler = SteppedBatchSampler(batch_size, batches_per_epoch, rank, world,
                                         lambda: _batches(trainer(), "completed"), repeat=overfit_batches)
-    collate = None if make_pairs is None else PairCollate(make_pairs)
+    collate = collate_crops if make_pairs is None else PairCollate(make_pairs)
     return SteppedDataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
                              persistent_workers=False, collate_fn=collate,
                              position=lambda: _batches(trainer(), "processed"))
