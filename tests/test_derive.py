@@ -312,3 +312,38 @@ def test_bad_derive_options_are_named_before_the_checkpoint_is_read(tmp_path, ca
     assert main(["--ckpt", str(tmp_path / "search.ckpt"), "--out", str(out), "--no-figure", *args]) == 2
     assert flag in capsys.readouterr().err
     assert not out.exists() or out.read_text() == "keep"
+
+
+def test_a_decision_without_tasnets_shape_is_named(tmp_path, caplog):
+    """Every map shared, or a prefix cut by a map pruned away for every task, is recorded in the
+    decision summary and warned about; a prefix cut by the tasks' disagreement is not."""
+    import logging
+
+    from cirlab.archs.flops import searchable_maps
+    from cirlab.derivation import decision_summary, warn_about_shape
+
+    names = [spec.name for spec in searchable_maps(NB, NF)]
+    disagreeing = task_dependent_net()
+    disagreeing.decide()
+    end = decision_summary(disagreeing)["prefix_end"]
+    assert end is not None and end["empty"] is False and 0 < end["agreement"] <= disagreeing.gamma
+    assert warn_about_shape(decision_summary(disagreeing)) == []
+
+    agreeing = task_dependent_net()
+    with torch.no_grad():
+        for controller in agreeing.controllers:  # every channel on for every task
+            controller.fc2.weight.zero_()
+            controller.fc2.bias.fill_(3.0)
+        agreeing.controllers[3].fc2.bias.fill_(-1.0)  # map 3 switched off for every task
+    agreeing.decide()
+    summary = decision_summary(agreeing)
+    assert summary["prefix_end"] == {"map": names[3], "agreement": 0.0, "empty": True}
+    assert "comes from pruning" in " ".join(warn_about_shape(summary))
+
+    with torch.no_grad():
+        agreeing.controllers[3].fc2.bias.fill_(3.0)
+    fake_search_checkpoint(agreeing, tmp_path / "search.ckpt")
+    with caplog.at_level(logging.WARNING, logger="cirlab.derivation"):
+        derive_checkpoint(tmp_path / "search.ckpt", tmp_path / "derived", figure=False)
+    assert json.loads((tmp_path / "derived" / "architecture.json").read_text())["decision"]["prefix_end"] is None
+    assert "shared every map" in caplog.text

@@ -96,12 +96,46 @@ def decision_summary(search_net) -> dict:
     from cirlab.archs.flops import searchable_maps
 
     declared = search_net.decision == "declared"
+    names = [spec.name for spec in searchable_maps(search_net.nb, search_net.nf)]
+    shared = int(search_net.phi.sum())
     return {"rule": search_net.decision, "gamma": search_net.gamma,
             "tasks": int(search_net.decision_tasks.shape[0]) if declared else None,
-            "shared_maps": int(search_net.phi.sum()),
-            "agreement": {spec.name: round(float(r), 4) for spec, r in
-                          zip(searchable_maps(search_net.nb, search_net.nf), search_net.agreement.tolist())}
-            if declared else None}
+            "shared_maps": shared,
+            "agreement": {name: round(float(r), 4) for name, r in zip(names, search_net.agreement.tolist())}
+            if declared else None,
+            "prefix_end": _prefix_end(search_net, names, shared, declared)}
+
+
+def _prefix_end(search_net, names: list[str], shared: int, declared: bool) -> dict | None:
+    """The first task-specific map (None when every map is shared): its name, its agreement (eq. 6
+    without gamma; declared rule only) and whether its task-agnostic selection is empty, in which
+    case eq. 6 is false for any gamma and the prefix ends because the map was pruned away, not
+    because the tasks disagree."""
+    if shared == len(names):
+        return None
+    empty = not bool((search_net.z_agnostic[shared] > 0).any()) if bool(search_net.ema_started) else None
+    return {"map": names[shared], "agreement": round(float(search_net.agreement[shared]), 4) if declared else None,
+            "empty": empty}
+
+
+def warn_about_shape(decision: dict) -> list[str]:
+    """Log (and return) a warning for a decision without TASNet's shape: every map shared (no
+    task-specific part; only ``global_scale(t)`` after the last convolution follows the task), or a
+    prefix that ends at a map whose task-agnostic selection is empty (an empty map counts as
+    disagreeing, docs/method.md section 3)."""
+    messages = []
+    end = decision["prefix_end"]
+    if end is None:
+        messages.append("the search shared every map: the derived TASNet has no task-specific part (its output "
+                        "follows the task only through global_scale(t)); at this scale the tasks' channel "
+                        "selections agree above gamma everywhere")
+    elif end["empty"]:
+        messages.append(f"the shared prefix ends at {end['map']}, a map that the search switched off for the "
+                        "task-agnostic selection (empty, so eq. 6 counts it as disagreeing): the prefix length "
+                        "comes from pruning, not from the tasks' disagreement")
+    for message in messages:
+        log.warning(message)
+    return messages
 
 
 @torch.no_grad()
@@ -229,6 +263,7 @@ def derive_checkpoint(search_ckpt: str | Path, out_dir: str | Path, grid: str | 
     net = derive(search_net)
     summary = summarize(net, grid, height, width)
     decision = decision_summary(search_net)
+    warn_about_shape(decision)
     meta = {"derived_from": str(search_ckpt), "summary": summary, "decision": decision,
             "weights_from": str(weights) if weights is not None else str(search_ckpt)}
     ckpt_path = net.save(out_dir / "tasnet.ckpt", meta=meta)
