@@ -265,3 +265,15 @@ def test_validation_errors():
         run_masked(net, torch.rand(1, 3, 16, 16), torch.rand(3, 3), soft, torch.rand(3))
     with pytest.raises(ValueError, match="one image"):
         run_masked(net, torch.rand(2, 3, 16, 16), torch.rand(3, 3), state, torch.rand(3))
+
+
+def test_the_table_1_sizes_have_the_papers_flops_ratios():
+    """Table 1's CResMD FLOPs (1,124.3 / 2,698.4 / 10,119.2 G at HD / 2K / 4K) scale with pixels:
+    cirlab's "2k" and "4k" must give the table's 2K/HD and 4K/HD ratios (2048x1080, not 1920x1080)."""
+    from cirlab.bench.cost import PAPER_RESOLUTIONS
+    from cirlab.tasks import RESOLUTIONS
+
+    assert PAPER_RESOLUTIONS == [RESOLUTIONS[name] for name in ("hd", "2k", "4k")]
+    hd = cresmd_flops(64, 32, *RESOLUTIONS["hd"])
+    for name, paper in (("2k", 2698.4), ("4k", 10119.2)):
+        assert cresmd_flops(64, 32, *RESOLUTIONS[name]) / hd == pytest.approx(paper / 1124.3, rel=1e-3), name

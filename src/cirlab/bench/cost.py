@@ -34,9 +34,10 @@ from cirlab.archs.cresmd import CResMDNet
 from cirlab.archs.flops import cresmd_flops
 from cirlab.archs.tasnet import TASNet, table4_shared_maps
 from cirlab.archs.tasnet_spec import make_architecture
+from cirlab.tasks import RESOLUTIONS
 
 CPU_RESOLUTIONS = [(180, 320), (360, 640)]
-PAPER_RESOLUTIONS = [(720, 1280), (1080, 1920), (2160, 3840)]  # HD, 2K, 4K
+PAPER_RESOLUTIONS = [RESOLUTIONS["hd"], RESOLUTIONS["2k"], RESOLUTIONS["4k"]]  # Table 1's HD, 2K (2048x1080), 4K
 NAIVE_FRACTIONS = (0.31, 0.62, 0.99)
 
 
