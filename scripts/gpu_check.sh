@@ -74,7 +74,7 @@ if [ "${PIPESTATUS[0]}" != 0 ]; then echo "!! the environment is incomplete (car
 CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 
 stage "CUDA-only tests" 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_degradations.py tests/test_restore.py \
-    tests/test_speed.py \
+    tests/test_speed.py tests/test_worker_pairs.py \
     -k "cuda or gpu" -m "not slow"
 
 if [ "$CUDA" = 1 ]; then
