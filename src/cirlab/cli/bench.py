@@ -4,7 +4,7 @@
     cirlab-bench search-step [--sizes tiny,full] [--out docs/bench/search_step.json]
     cirlab-bench cost [--cresmd C.ckpt] [--tasnet T.ckpt] [--tsnet S.ckpt] [--synthetic] [--naive 0.31,0.62,0.99]
                       [--resolutions 180x320,360x640] [--threads 1,all] [--repeats 3] [--out docs/bench/cost/]
-    cirlab-bench sharing --cresmd C.ckpt [--seeds 1234,1,2] [--threads 1,2] [--out runs/sharing] [-- overrides]
+    cirlab-bench sharing --cresmd C.ckpt [--seeds 1234,1,2] [--threads 1,2] [--out logs/sharing] [-- overrides]
     cirlab-bench train [--experiments cresmd_paper,...] [--device auto] [--variants fp32,bf16+cl] [--steps 2]
                        [--warmup 1] [--num-workers 0] [--out docs/bench/train.json] [-- overrides]
 
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     sharing.add_argument("--cresmd", required=True, help="the CResMD checkpoint every search starts from")
     sharing.add_argument("--seeds", default="1234,1,2", help="comma list of pipeline seeds")
     sharing.add_argument("--threads", default="1,2", help="comma list of torch thread counts")
-    sharing.add_argument("--out", default="runs/sharing", help="folder of the runs, sharing.json and sharing.md")
+    sharing.add_argument("--out", default="logs/sharing", help="folder of the runs, sharing.json and sharing.md (under logs/ with the other runs)")
     sharing.add_argument("--title", default="Sharing decision over seeds and threads", help="heading of the table")
     sharing.add_argument("--search-extra", default="", help="Hydra overrides added to the search stage, one string "
                          "(e.g. 'model.net.decision=batch' for the rule before declared task sets)")
