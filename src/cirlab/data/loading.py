@@ -1,7 +1,8 @@
 """Loading shared by the DataModules: keyed clean crops, a resumable batch stream, sharded evaluation.
 
 The training stream's samples are clean crops: ``{"clean": (B, 3, S, S) uint8, "offset": (B, 2)
-int64, "id": (B,) int64}`` once collated. Each DataModule turns a crop batch into its pairs with a
+int64, "id": (B,) int64, "first_id": int}`` once collated (:func:`collate_crops`; ``first_id`` is
+``id[0]`` as a host int, the pair step's seed). Each DataModule turns a crop batch into its pairs with a
 small picklable pair maker, in one of two places (``data.pairs_on``, :func:`resolve_pairs_on`):
 ``device``, in ``on_after_batch_transfer`` on the batch's device (the GPU when training runs
 there), or ``workers``, in the DataLoader's collate function (:class:`PairCollate`), so the
