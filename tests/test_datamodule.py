@@ -276,3 +276,25 @@ def test_bad_margins_and_crops_without_offsets_name_the_key(tmp_path):
     bare = RestorationDataModule(train_dir=None, val_dir=None, patch_size=32, degrade_margin=0)
     pairs = bare.on_after_batch_transfer({"clean": torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "id": torch.tensor([0, 1])}, 0)
     assert pairs["input"].shape == (2, 3, 32, 32)
+
+
+def test_an_evaluation_set_with_fewer_images_than_processes_is_refused_naming_the_key(tmp_path):
+    """Each rank evaluates whole images: with 2 images and 3 processes one rank would have none
+    (its metric reductions would never meet the others'), so setup stops naming the key."""
+    from types import SimpleNamespace
+
+    from cirlab.data.loading import shard_loader
+
+    train = write_images(tmp_path / "train", [(70, 70)])
+    val = write_images(tmp_path / "val", [(40, 40), (40, 40), (40, 40)])
+    world = SimpleNamespace(global_rank=0, world_size=3)
+    datamodule = RestorationDataModule(train_dir=str(train), val_dir=str(val), test_dir=str(val), patch_size=32,
+                                       batch_size=2, val_max_images=2, cache_dir=str(tmp_path / "cache"))
+    datamodule.trainer = world
+    with pytest.raises(ValueError, match=r"val set has 2 image\(s\) but the run has 3 processes.*data\.val_max_images"):
+        datamodule.setup("validate")
+    datamodule.setup("test")  # three test images for three processes: fine
+    assert len(shard_loader(datamodule.test_set, "test", trainer=world, num_workers=0, pin_memory=False)) == 1
+    with pytest.raises(ValueError, match="data.test_max_images"):
+        shard_loader(datamodule.test_set, "test", trainer=SimpleNamespace(global_rank=0, world_size=4),
+                     num_workers=0, pin_memory=False)

@@ -43,6 +43,7 @@ from cirlab.data.loading import (
     check_crop_settings,
     check_margin,
     check_pairs_on,
+    check_shards,
     crop_loader,
     decode_training_images,
     first_sample_id,
@@ -225,10 +226,12 @@ class RestorationDataModule(L.LightningDataModule):
             spec = self._eval_spec("val")
             if spec is not None:
                 self.val_set = EvalSetDataset(build_eval_set(spec, self._eval_cache_dir()))
+                check_shards(self.val_set, "val", self.trainer)  # before training, not at the first validation
         if stage in (None, "test") and self.test_set is None:
             spec = self._eval_spec("test")
             if spec is not None:
                 self.test_set = EvalSetDataset(build_eval_set(spec, self._eval_cache_dir()))
+                check_shards(self.test_set, "test", self.trainer)
 
     def eval_levels(self, stage: str) -> torch.Tensor | None:
         """Task vectors (G, 3) of the ``"val"`` or ``"test"`` grid, as the set loaded by :meth:`setup`

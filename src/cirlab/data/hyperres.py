@@ -82,6 +82,7 @@ from cirlab.data.loading import (
     check_crop_settings,
     check_margin,
     check_pairs_on,
+    check_shards,
     crop_loader,
     cut_patches,
     decode_training_images,
@@ -488,6 +489,7 @@ class LevelDataModule(L.LightningDataModule):
                 if spec is not None:
                     data = build_level_set(spec, self._eval_cache_dir())
                     setattr(self, f"{name}_set", LevelSetDataset(data, self.level_scale))
+                    check_shards(getattr(self, f"{name}_set"), name, self.trainer)  # before any work on it
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:

@@ -54,6 +54,7 @@ __all__ = [
     "check_crop_settings",
     "check_margin",
     "check_pairs_on",
+    "check_shards",
     "collate_crops",
     "crop_loader",
     "cut_patches",
@@ -456,6 +457,19 @@ def crop_loader(images, *, patch_size: int, batch_size: int, batches_per_epoch: 
 
 
 # ---------------------------------------------------------------------------------- evaluation
+def check_shards(dataset: Dataset | None, stage: str, trainer: L.Trainer | None) -> None:
+    """``ValueError`` naming ``data.<stage>_max_images`` when an evaluation set has fewer images than
+    the run has processes: a rank without an image would log nothing, and the ranks' metric
+    reductions would stop (or wait forever) instead of reporting. No-op without a set or trainer."""
+    if dataset is None:
+        return
+    _, world = rank_and_world(trainer)
+    if len(dataset) < world:
+        raise ValueError(f"the {stage} set has {len(dataset)} image(s) but the run has {world} processes: every "
+                         f"process evaluates whole images and needs at least one (raise or unset "
+                         f"data.{stage}_max_images, or add images to data.{stage}_dir)")
+
+
 def shard_loader(dataset: Dataset | None, stage: str, *, trainer: L.Trainer | None, num_workers: int,
                  pin_memory: bool) -> DataLoader:
     """Loader of an evaluation set whose items are whole images (``batch_size=None``), sharded over ranks.
@@ -465,6 +479,7 @@ def shard_loader(dataset: Dataset | None, stage: str, *, trainer: L.Trainer | No
     """
     if dataset is None:
         raise RuntimeError(f"data.{stage}_dir is not set: no {stage} set to evaluate on")
+    check_shards(dataset, stage, trainer)
     rank, world = rank_and_world(trainer)
     return DataLoader(dataset, batch_size=None, sampler=ShardSampler(len(dataset), rank, world),
                       num_workers=min(num_workers, 1), pin_memory=pin_memory)
