@@ -274,6 +274,33 @@ def test_make_pairs_on_margin_crops_degrades_the_crop_then_cuts_the_patch() -> N
         make_pairs(crops, sampler, generator=_gen(13), offsets=offsets)
 
 
+@pytest.mark.parametrize("margin", [False, True])
+def test_pair_codes_are_the_pairs_before_the_float_conversion(margin: bool) -> None:
+    """make_pair_codes is make_pairs in uint8 (what DataLoader workers send): same draws, code / 255 equal
+    to the float pairs bit for bit, levels in input-then-target order; pairs_from_codes rebuilds the dict."""
+    from cirlab.data.sampling import make_pair_codes, pairs_from_codes
+
+    sampler = PairSampler()
+    clean = _clean(10, size=56 if margin else 24)
+    kwargs = {"offsets": torch.randint(0, 56 - 24 + 1, (10, 2), generator=_gen(2)), "patch_size": 24} if margin else {}
+    pairs = make_pairs(clean, sampler, generator=_gen(21), **kwargs)
+    packed = make_pair_codes(clean, sampler, generator=_gen(21), **kwargs)
+    assert set(packed) == {"codes", "levels"} and packed["codes"].dtype == torch.uint8
+    assert packed["codes"].shape == (20, 3, 24, 24) and packed["levels"].shape == (20, 3)
+    assert torch.equal(packed["codes"][:10].float() / 255, pairs["input"])
+    assert torch.equal(packed["codes"][10:].float() / 255, pairs["target"])
+    assert torch.equal(packed["levels"], torch.cat((pairs["levels_in"], pairs["levels_gt"])))
+    rebuilt = pairs_from_codes(**packed)
+    assert list(rebuilt) == list(pairs)
+    for key in pairs:
+        assert rebuilt[key].dtype == pairs[key].dtype and torch.equal(rebuilt[key], pairs[key]), key
+    assert pairs_from_codes(**packed, dtype=torch.float64)["input"].dtype == torch.float64
+    with pytest.raises(ValueError, match="uint8"):
+        pairs_from_codes(pairs["input"], packed["levels"])
+    with pytest.raises(ValueError, match=r"levels must have shape \(20, 3\)"):
+        pairs_from_codes(packed["codes"], packed["levels"][:10])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

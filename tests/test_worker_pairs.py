@@ -52,10 +52,14 @@ def levels(folder, task: str, **kwargs) -> LevelDataModule:
     return datamodule
 
 
+def transferred(datamodule, batch: dict) -> dict:
+    """``batch`` through the DataModule's transfer hooks, as Lightning passes it on the CPU."""
+    return datamodule.on_after_batch_transfer(datamodule.on_before_batch_transfer(batch, 0), 0)
+
+
 def training_batches(datamodule, count: int) -> list[dict]:
-    """The first ``count`` training batches as the training step sees them (after the transfer hook)."""
-    return [datamodule.on_after_batch_transfer(batch, 0)
-            for batch in itertools.islice(datamodule.train_dataloader(), count)]
+    """The first ``count`` training batches as the training step sees them (after the transfer hooks)."""
+    return [transferred(datamodule, batch) for batch in itertools.islice(datamodule.train_dataloader(), count)]
 
 
 def assert_same_batches(first: list[dict], second: list[dict]) -> None:
@@ -63,7 +67,8 @@ def assert_same_batches(first: list[dict], second: list[dict]) -> None:
     for a, b in zip(first, second):
         assert list(a) == list(b)  # same keys, same order
         for key in a:
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+            assert type(a[key]) is type(b[key]) and a[key].dtype == b[key].dtype, key
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
 
 
 def test_restoration_pairs_made_in_workers_equal_the_device_pairs(train_folder, one_thread):
@@ -77,8 +82,8 @@ def test_restoration_pairs_made_in_workers_equal_the_device_pairs(train_folder, 
     # the degradations were drawn: blur, noise and JPEG all occur among the inputs
     physical = torch.cat([b["physical_in"] for b in in_workers])
     assert all(bool((physical[:, i] > 0).any()) for i in range(3))
-    # a pair batch passes the transfer hook unchanged (pairs are made once)
-    assert workers.on_after_batch_transfer(in_workers[0], 0) is in_workers[0]
+    # a pair batch passes the transfer hooks unchanged (pairs are made once)
+    assert transferred(workers, in_workers[0]) is in_workers[0]
 
 
 @pytest.mark.parametrize("task", ["dejpeg", "sr"])
@@ -88,6 +93,8 @@ def test_level_batches_made_in_workers_equal_the_device_batches(train_folder, on
     assert device.degrade_margin > 0
     on_device, in_workers = training_batches(device, 3), training_batches(workers, 3)
     assert set(in_workers[0]) == {"inputs", "target", "levels", "id"}
+    raw = next(iter(workers.train_dataloader()))
+    assert list(raw) == ["codes", "id"] and raw["codes"].dtype == np.uint8 and raw["codes"].shape == (3, 4, 3, 24, 24)
     assert in_workers[0]["inputs"].shape == (2, 4, 3, 24, 24)
     assert_same_batches(on_device, in_workers)
 
@@ -97,6 +104,12 @@ def test_workers_without_worker_processes_make_the_pairs_at_fetch_time(train_fol
     fetched = restoration(train_folder, num_workers=0, pairs_on="workers")
     raw = next(iter(fetched.train_dataloader()))
     assert "clean" not in raw and fetched.pairs_made_on == "workers"
+    # what a worker sends is compact: uint8 codes, levels and ids, as numpy arrays pickled through its pipe
+    assert list(raw) == ["codes", "levels", "id"] and all(isinstance(v, np.ndarray) for v in raw.values())
+    assert raw["codes"].dtype == np.uint8 and raw["codes"].shape == (12, 3, 32, 32) and raw["levels"].shape == (12, 3)
+    assert raw["id"].tolist() == list(range(6))
+    tensors = fetched.on_before_batch_transfer(raw, 0)
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values()) and tensors["codes"].dtype == torch.uint8
     assert_same_batches(training_batches(device, 2), training_batches(fetched, 2))
 
 
@@ -152,7 +165,7 @@ def test_a_resumed_loader_continues_the_pair_stream(train_folder, one_thread):
     loader = datamodule.train_dataloader()
     assert loader.state_dict() == {"next_batch": 0}  # no trainer: nothing trained yet
     loader.load_state_dict({"next_batch": 2})
-    resumed = [datamodule.on_after_batch_transfer(b, 0) for b in itertools.islice(loader, 3)]
+    resumed = [transferred(datamodule, b) for b in itertools.islice(loader, 3)]
     assert_same_batches(straight[2:], resumed)
     assert [int(b["id"][0]) for b in resumed] == [12, 18, 24]  # batch b starts at id b * batch_size
 
@@ -163,8 +176,9 @@ def test_pair_makers_are_small_and_picklable(train_folder, one_thread):
     for datamodule, cls in ((restoration(train_folder, num_workers=1, pairs_on="workers"), RestorationPairMaker),
                             (levels(train_folder, "dejpeg", num_workers=1, pairs_on="workers"), LevelPairMaker)):
         collate = datamodule.train_dataloader().collate_fn
-        assert isinstance(collate.make_pairs, cls)
-        assert not any(isinstance(v, (RestorationDataModule, LevelDataModule)) for v in vars(collate.make_pairs).values())
+        maker = collate.make_pairs.__self__  # the pair maker's `codes` method
+        assert isinstance(maker, cls) and collate.make_pairs == maker.codes
+        assert not any(isinstance(v, (RestorationDataModule, LevelDataModule)) for v in vars(maker).values())
         copy = pickle.loads(pickle.dumps(collate))
         samples = [datamodule.train_dataloader().dataset[i] for i in range(datamodule.batch_size)]
         assert_same_batches([collate(samples)], [copy(samples)])
@@ -177,7 +191,7 @@ def test_spawned_workers_make_the_same_pairs(train_folder, one_thread):
     loader = spawned.train_dataloader()
     loader.multiprocessing_context = "spawn"
     assert_same_batches(training_batches(device, 2),
-                        [spawned.on_after_batch_transfer(b, 0) for b in itertools.islice(loader, 2)])
+                        [transferred(spawned, b) for b in itertools.islice(loader, 2)])
 
 
 @pytest.mark.slow  # three short training runs with worker processes

@@ -173,9 +173,10 @@ def bench_pipeline(device: str, batch_size: int = 16, patch: int = 64, seconds: 
     three degradations, the default 10 px margin) with ``num_workers`` DataLoader workers.
     ``pairs_on`` (``data.pairs_on``): ``auto`` resolves as a trainer on ``device`` would
     (:func:`~cirlab.data.loading.resolve_pairs_on`): ``workers`` on the CPU with workers, else
-    ``device``. Each timed batch is fetched from the loader, moved to ``device`` and passed to
-    ``on_after_batch_transfer``, which makes the pairs (``device``) or passes the pair batch
-    through (``workers``): every batch's pairs are made exactly once. ``warmup`` batches are
+    ``device``. Each timed batch is fetched from the loader, passed through
+    ``on_before_batch_transfer``, moved to ``device`` and passed to ``on_after_batch_transfer``,
+    which makes the pairs (``device``) or converts the workers' uint8 codes to the float pairs
+    (``workers``): every batch's pairs are made exactly once. ``warmup`` batches are
     discarded first (worker start-up; the workers' prefetched batches, at most ``2 num_workers``,
     then count towards the timed run).
 
@@ -200,14 +201,17 @@ def bench_pipeline(device: str, batch_size: int = 16, patch: int = 64, seconds: 
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    def step() -> None:  # the batch's way from the loader to the training step in Lightning
+        batch = datamodule.on_before_batch_transfer(next(iterator), 0)
+        datamodule.on_after_batch_transfer(move_data_to_device(batch, dev), 0)
+
     iterator = iter(loader)
     for _ in range(warmup):
-        datamodule.on_after_batch_transfer(move_data_to_device(next(iterator), dev), 0)
+        step()
     sync()
     batches, start = 0, time.perf_counter()
     while batches == 0 or time.perf_counter() - start < seconds:
-        batch = move_data_to_device(next(iterator), dev)  # as Lightning moves a batch (non-blocking)
-        datamodule.on_after_batch_transfer(batch, 0)
+        step()
         batches += 1
     sync()
     elapsed = time.perf_counter() - start

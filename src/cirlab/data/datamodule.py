@@ -8,8 +8,8 @@ sample id, disjoint over ranks, resumable), each with ``degrade_margin`` pixels 
 around its patch. :class:`RestorationPairMaker` turns a crop batch into pairs, either in the
 DataLoader workers' collate function or in ``on_after_batch_transfer`` on the batch's device
 (``data.pairs_on``; ``auto``: in the workers when training runs on the CPU with workers, on the
-device otherwise, :func:`~cirlab.data.loading.resolve_pairs_on`); both give the same pairs. The
-pair step degrades the whole crop and then cuts the patch out, so a
+device otherwise, :func:`~cirlab.data.loading.resolve_pairs_on`; workers send the pairs' uint8
+codes, made floats on the training device); both give the same pairs. The pair step degrades the whole crop and then cuts the patch out, so a
 training patch is blurred and JPEG-compressed as the same window of a whole degraded image is
 (blur reads the real neighbours, not replicate padding at the patch's edge; the JPEG block grid
 sits at a random phase to the patch); :meth:`RestorationDataModule.setup` decodes those
@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from cirlab.data.degradations import KERNEL_SIZE
 from cirlab.data.evalsets import EvalSetDataset, EvalSetSpec, build_eval_set
 from cirlab.data.loading import (
+    arrays_to_tensors,
     batch_offsets,
     check_crop_settings,
     check_margin,
@@ -52,7 +53,7 @@ from cirlab.data.loading import (
     scan_training_folder,
     shard_loader,
 )
-from cirlab.data.sampling import DegradationConfig, PairSampler, SamplingConfig, make_pairs
+from cirlab.data.sampling import DegradationConfig, PairSampler, SamplingConfig, make_pair_codes, pairs_from_codes
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +88,37 @@ class RestorationPairMaker:
     The generator is seeded with ``mix_seed(seed, id[0])``, so the pairs are a function of the
     crop batch: a worker (one intra-op thread) gives the same bytes as the main process at one
     thread (another thread count may round some float sums differently).
+
+    The call is ``from_codes(codes(batch))``. Workers run :meth:`codes` only and send its compact
+    result (uint8 codes, a quarter of the float bytes, with levels and ids;
+    :class:`~cirlab.data.loading.PairCollate`), and ``on_after_batch_transfer`` runs
+    :meth:`from_codes` on the training device, so both places give the same batches.
     """
 
     def __init__(self, sampler: PairSampler, seed: int, patch_size: int, margin: int) -> None:
         self.sampler, self.seed, self.patch_size, self.margin = sampler, seed, patch_size, margin
 
-    def __call__(self, batch: dict) -> dict:
+    def codes(self, batch: dict) -> dict:
+        """Crop batch -> ``{"codes": (2B, 3, P, P) uint8, "levels": (2B, 3), "id": (B,)}``
+        (:func:`~cirlab.data.sampling.make_pair_codes`), on the batch's device."""
         offsets = batch_offsets(batch, self.patch_size, self.margin)
         clean = batch["clean"].float().div_(255)
         generator = torch.Generator(device=clean.device)
         generator.manual_seed(mix_seed(self.seed, first_sample_id(batch)))
-        pairs = make_pairs(clean, self.sampler, generator=generator, offsets=offsets, patch_size=self.patch_size)
-        pairs["id"] = batch["id"]
+        packed = make_pair_codes(clean, self.sampler, generator=generator, offsets=offsets,
+                                 patch_size=self.patch_size)
+        packed["id"] = batch["id"]
+        return packed
+
+    @staticmethod
+    def from_codes(packed: dict) -> dict:
+        """:meth:`codes`' result -> the training batch (float32 pairs, levels, physical levels, ``id``)."""
+        pairs = pairs_from_codes(packed["codes"], packed["levels"])
+        pairs["id"] = packed["id"]
         return pairs
+
+    def __call__(self, batch: dict) -> dict:
+        return self.from_codes(self.codes(batch))
 
 
 class RestorationDataModule(L.LightningDataModule):
@@ -245,7 +264,7 @@ class RestorationDataModule(L.LightningDataModule):
                            batches_per_epoch=self.batches_per_epoch, seed=self.seed, num_workers=self.num_workers,
                            pin_memory=self.pin_memory, overfit_batches=self.overfit_batches,
                            trainer=lambda: self.trainer, margin=self.degrade_margin,
-                           make_pairs=self.pair_maker if pairs_in_workers(self) else None)
+                           make_pairs=self.pair_maker.codes if pairs_in_workers(self) else None)
 
     def val_dataloader(self) -> DataLoader:
         return shard_loader(self.val_set, "val", trainer=self.trainer, num_workers=self.num_workers,
@@ -261,17 +280,26 @@ class RestorationDataModule(L.LightningDataModule):
         """The picklable pair step of this DataModule's settings (used by workers and ``on_after_batch_transfer``)."""
         return RestorationPairMaker(self.sampler, self.seed, self.patch_size, self.degrade_margin)
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """A batch from the workers' pair step arrives with numpy arrays (pickled through the
+        worker's pipe, :class:`~cirlab.data.loading.PairCollate`): made tensors, so the trainer
+        moves them to its device."""
+        return arrays_to_tensors(batch)
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Turn a training batch of clean crops into degraded pairs, on the batch's device.
 
         The crops come from :func:`~cirlab.data.loading.crop_loader` (``clean`` margin crops and
         each patch's ``offset``); the whole crop is degraded and the ``patch_size`` patch cut out
-        (:class:`RestorationPairMaker`). Batches without ``clean`` (pairs made in the workers,
-        evaluation items) pass through unchanged.
+        (:class:`RestorationPairMaker`). A batch of ``codes`` (pairs made in the workers) is
+        converted to floats here, on the training device; other batches (evaluation items) pass
+        through unchanged.
         """
-        if "clean" not in batch:
-            return batch
-        return self.pair_maker(batch)
+        if "clean" in batch:
+            return self.pair_maker(batch)
+        if "codes" in batch:
+            return RestorationPairMaker.from_codes(batch)
+        return batch
 
     def example_inputs(self, count: int = 1) -> torch.Tensor | None:
         """A few clean validation images (N, 3, H, W) in [0, 1] for output pictures."""

@@ -609,6 +609,7 @@ def degrade(
     generator: torch.Generator | None = None,
     noise_field: Tensor | None = None,
     blur_backend: str = "auto",
+    codes: bool = False,
 ) -> Tensor:
     """Degrade a batch: blur -> noise -> round/clip to uint8 -> JPEG, one level per sample.
 
@@ -622,15 +623,19 @@ def degrade(
         noise_field: optional ``(B, 3, H, W)`` standard-normal field to use instead of drawing
             one (lets a caller give two images the same noise realisation).
         blur_backend: see :func:`gaussian_blur`.
+        codes: return the uint8 codes ``k`` instead (the image is ``k / 255``); the default
+            result is exactly ``codes.to(clean.dtype).div_(255)``.
 
     Returns:
-        ``(B, 3, H, W)`` tensor with ``clean``'s dtype and device, values ``k / 255``.
+        ``(B, 3, H, W)`` tensor with ``clean``'s dtype and device, values ``k / 255`` (uint8
+        ``k`` with ``codes``).
 
     Raises:
         ValueError: wrong shapes or dtypes, ``clean`` outside [0, 1], levels outside [0, 1].
     """
     pixels, quality = _blur_noise_quantize(clean, levels, generator, noise_field, blur_backend)
-    return jpeg_roundtrip(pixels, quality).to(clean.dtype).div_(255.0)
+    out = jpeg_roundtrip(pixels, quality)
+    return out if codes else out.to(clean.dtype).div_(255.0)
 
 
 def degrade_patches(
@@ -641,6 +646,7 @@ def degrade_patches(
     generator: torch.Generator | None = None,
     noise_field: Tensor | None = None,
     blur_backend: str = "auto",
+    codes: bool = False,
 ) -> Tensor:
     """:func:`degrade` of whole crops, returning the ``patch_size`` patch at each crop's offset.
 
@@ -658,14 +664,15 @@ def degrade_patches(
     the crops are not copied ``k`` times.
 
     Args:
-        clean, generator, blur_backend: as for :func:`degrade`.
+        clean, generator, blur_backend, codes: as for :func:`degrade`.
         levels: ``(k * B, 3)`` task-space levels, ``k >= 1``.
         offsets: ``(B, 2)`` integer ``(top, left)`` of each patch in its crop.
         patch_size: side ``P`` of the patches.
         noise_field: optional ``(B, 3, H, W)`` standard-normal field (``clean``'s shape).
 
     Returns:
-        ``(k * B, 3, P, P)`` tensor with ``clean``'s dtype and device, values ``k / 255``.
+        ``(k * B, 3, P, P)`` tensor with ``clean``'s dtype and device, values ``k / 255`` (uint8
+        ``k`` with ``codes``).
     """
     _check_images(clean, "clean", check_range=False)
     b = clean.shape[0]
@@ -686,7 +693,7 @@ def degrade_patches(
     if len(rows) < len(source):
         position = {j: i for i, j in enumerate(rows)}
         patches = patches[torch.tensor([position[j] for j in source], device=patches.device)]
-    return patches.to(clean.dtype).div_(255.0)
+    return patches if codes else patches.to(clean.dtype).div_(255.0)
 
 
 def _blur_noise_quantize(

@@ -78,6 +78,7 @@ from cirlab.checkpoints import save_torch_file
 from cirlab.data.degradations import KERNEL_SIZE, jpeg_roundtrip
 from cirlab.data.image_files import center_crop
 from cirlab.data.loading import (
+    arrays_to_tensors,
     batch_offsets,
     check_crop_settings,
     check_margin,
@@ -326,6 +327,8 @@ class LevelPairMaker:
     ``inputs`` (k, B, 3, P, P), ``target`` (B, 3, P, P) float in [0, 1], ``levels`` (k, 1)
     normalised and ``id``, on that device. Every level degrades the whole crop (one generator
     seeded with ``mix_seed(seed, id[0])``, drawn level after level), then the patch is cut out.
+    The call is ``from_codes(codes(batch))``: workers send :meth:`codes` (uint8, as
+    :class:`~cirlab.data.datamodule.RestorationPairMaker` does).
     """
 
     def __init__(self, task: str, levels: Sequence[float], level_scale: float, seed: int, patch_size: int,
@@ -333,7 +336,9 @@ class LevelPairMaker:
         self.task, self.levels, self.level_scale = task, list(levels), float(level_scale)
         self.seed, self.patch_size, self.margin = seed, patch_size, margin
 
-    def __call__(self, batch: dict) -> dict:
+    def codes(self, batch: dict) -> dict:
+        """Crop batch -> ``{"codes": (k + 1, B, 3, P, P) uint8, "id": (B,)}``: the k degraded patches,
+        then the clean one, on the batch's device."""
         offsets = batch_offsets(batch, self.patch_size, self.margin)
         clean = batch["clean"]
         generator = torch.Generator(device=clean.device)
@@ -342,9 +347,16 @@ class LevelPairMaker:
         if offsets is not None:
             inputs = [cut_patches(x, offsets, self.patch_size) for x in inputs]
             clean = cut_patches(clean, offsets, self.patch_size)
-        levels = torch.tensor(self.levels, dtype=torch.float32, device=clean.device).div_(self.level_scale)
-        return {"inputs": torch.stack(inputs).float().div_(255), "target": clean.float().div(255),
-                "levels": levels[:, None], "id": batch["id"]}
+        return {"codes": torch.stack([*inputs, clean]), "id": batch["id"]}
+
+    def from_codes(self, packed: dict) -> dict:
+        """:meth:`codes`' result -> the training batch (``inputs``, ``target``, ``levels``, ``id``)."""
+        images = packed["codes"].float().div_(255)
+        levels = torch.tensor(self.levels, dtype=torch.float32, device=images.device).div_(self.level_scale)
+        return {"inputs": images[:-1], "target": images[-1], "levels": levels[:, None], "id": packed["id"]}
+
+    def __call__(self, batch: dict) -> dict:
+        return self.from_codes(self.codes(batch))
 
 
 class LevelDataModule(L.LightningDataModule):
@@ -497,7 +509,7 @@ class LevelDataModule(L.LightningDataModule):
                            batches_per_epoch=self.batches_per_epoch, seed=self.seed, num_workers=self.num_workers,
                            pin_memory=self.pin_memory, overfit_batches=self.overfit_batches,
                            trainer=lambda: self.trainer, margin=self.degrade_margin,
-                           make_pairs=self.pair_maker if pairs_in_workers(self) else None)
+                           make_pairs=self.pair_maker.codes if pairs_in_workers(self) else None)
 
     def val_dataloader(self) -> DataLoader:
         return shard_loader(self.val_set, "val", trainer=self.trainer, num_workers=self.num_workers,
@@ -514,17 +526,23 @@ class LevelDataModule(L.LightningDataModule):
         return LevelPairMaker(self.task, self.levels, self.level_scale, self.seed, self.patch_size,
                               self.degrade_margin)
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Numpy arrays of a batch from the workers (:class:`~cirlab.data.loading.PairCollate`) made tensors."""
+        return arrays_to_tensors(batch)
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Clean crops -> k degraded versions (one per training level), on the batch's device.
 
         The crops come from :func:`~cirlab.data.loading.crop_loader` (margin crops and each
         patch's ``offset``): every level degrades the whole crop, then the patch is cut out
-        (:class:`LevelPairMaker`). Batches without ``clean`` (made in the workers, evaluation
-        items) pass through unchanged.
+        (:class:`LevelPairMaker`). A batch of ``codes`` (made in the workers) is converted to
+        floats here; other batches (evaluation items) pass through unchanged.
         """
-        if "clean" not in batch:
-            return batch
-        return self.pair_maker(batch)
+        if "clean" in batch:
+            return self.pair_maker(batch)
+        if "codes" in batch:
+            return self.pair_maker.from_codes(batch)
+        return batch
 
     def example_inputs(self, count: int = 1) -> None:
         """None: the 3-D task-grid picture does not apply to single-type levels (see ``level_example``)."""

@@ -57,7 +57,9 @@ __all__ = [
     "DegradationConfig",
     "PairSampler",
     "SamplingConfig",
+    "make_pair_codes",
     "make_pairs",
+    "pairs_from_codes",
     "sample_beta",
 ]
 
@@ -459,6 +461,9 @@ def make_pairs(
     the crop's corner, the noise field covers the crop) and the ``patch_size`` patch at each
     sample's offset is cut out of input and target afterwards.
 
+    Equals ``pairs_from_codes(**make_pair_codes(clean, ...), dtype=clean.dtype)``, which is how it
+    is computed.
+
     Args:
         clean: ``(B, 3, H, W)`` floating tensor in [0, 1], any device.
         sampler: the :class:`PairSampler`.
@@ -473,6 +478,28 @@ def make_pairs(
         levels_gt`` ``(B, 3)`` float32 task space; ``physical_in``, ``physical_gt`` ``(B, 3)`` as
         ``(r, sigma, q)`` with q = 0 for no JPEG (see
         :func:`~cirlab.data.degradations.task_to_physical`).
+    """
+    return pairs_from_codes(**make_pair_codes(clean, sampler, generator, offsets, patch_size), dtype=clean.dtype)
+
+
+def make_pair_codes(
+    clean: Tensor,
+    sampler: PairSampler,
+    generator: torch.Generator | None = None,
+    offsets: Tensor | None = None,
+    patch_size: int | None = None,
+) -> dict[str, Tensor]:
+    """:func:`make_pairs` before the conversion to floats: the pairs' uint8 codes and their levels.
+
+    The compact form of a pair batch (a quarter of the float bytes, two tensors instead of seven):
+    what DataLoader workers send to the main process and what crosses to an accelerator;
+    :func:`pairs_from_codes` turns it into :func:`make_pairs`'s dict on whatever device it lives.
+    Arguments as for :func:`make_pairs`, same draws from ``generator``.
+
+    Returns:
+        dict with ``codes`` ``(2B, 3, P, P)`` uint8 on ``clean``'s device (rows ``0..B-1`` the
+        inputs, ``B..2B-1`` the targets; image = code / 255) and ``levels`` ``(2B, 3)`` float32
+        task-space levels (the inputs' ``l_in``, then the targets' ``l_gt``).
     """
     if not isinstance(clean, Tensor):
         raise TypeError(f"clean must be a torch.Tensor, got {type(clean).__name__}")
@@ -498,12 +525,36 @@ def make_pairs(
         if bool((levels[:, 1] > 0).any()):
             field_ = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
             noise = torch.cat((field_, field_))
-        out = degrade(torch.cat((clean, clean)), levels, noise_field=noise, blur_backend=backend)
+        codes = degrade(torch.cat((clean, clean)), levels, noise_field=noise, blur_backend=backend, codes=True)
     else:
         # input and target of crop i are rows i and B + i of levels; degrade_patches draws the
         # crops' noise field from `generator` itself, the same draw as above (after the levels, only
         # when some level has noise), overlapped with the blur on CPU
-        out = degrade_patches(clean, levels, offsets, patch_size, generator=generator, blur_backend=backend)
+        codes = degrade_patches(clean, levels, offsets, patch_size, generator=generator, blur_backend=backend,
+                                codes=True)
+    return {"codes": codes, "levels": levels}
+
+
+def pairs_from_codes(codes: Tensor, levels: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """:func:`make_pair_codes`'s output as :func:`make_pairs`'s dict, on ``codes``' device.
+
+    Args:
+        codes: ``(2B, 3, P, P)`` uint8, inputs then targets.
+        levels: ``(2B, 3)`` task-space levels, same order (moved to ``codes``' device).
+        dtype: floating dtype of ``input`` and ``target`` (``code / 255``, computed as
+            ``codes.to(dtype).div_(255)``).
+
+    Returns:
+        :func:`make_pairs`'s dict.
+    """
+    if codes.dtype != torch.uint8 or codes.ndim != 4 or codes.shape[0] % 2:
+        raise ValueError(f"codes must be a uint8 (2B, C, P, P) tensor, got {codes.dtype} {tuple(codes.shape)}")
+    b = codes.shape[0] // 2
+    if levels.shape != (2 * b, 3):
+        raise ValueError(f"levels must have shape ({2 * b}, 3) to match codes, got {tuple(levels.shape)}")
+    out = codes.to(dtype).div_(255.0)
+    levels = levels.to(codes.device)
+    levels_in, levels_gt = levels[:b], levels[b:]
     phys = task_to_physical(levels)
     return {
         "input": out[:b],
