@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from PIL import Image
 
 from cirlab.data.datamodule import RestorationDataModule, RestorationPairMaker
 from cirlab.data.hyperres import LevelDataModule, LevelPairMaker
-from cirlab.data.loading import PairCollate, resolve_pairs_on
+from cirlab.data.loading import PairCollate, resolve_pairs_on, stack_crops
+from cirlab.data.sampling import PairSampler
 
 
 @pytest.fixture
@@ -227,3 +229,26 @@ def test_the_pair_step_never_reads_the_id_tensor_back_from_the_device(train_fold
         for key, value in expected.items():
             if key != "id":
                 assert torch.equal(pairs[key], value), key
+
+
+def _pairs_and_threads(samples: list[dict]) -> tuple[dict, list[str]]:
+    """Collate of a test loader: the pair batch made where it runs and the names of that process's threads."""
+    maker = RestorationPairMaker(PairSampler(), seed=3, patch_size=32, margin=10)
+    return maker.codes(stack_crops(samples)), [thread.name for thread in threading.enumerate()]
+
+
+def test_workers_draw_the_noise_without_a_helper_thread(train_folder, one_thread):
+    """In the main process the noise field is drawn on a helper thread while the crops blur; a worker draws
+    it inline (the workers already keep the cores busy). The pairs are the same either way."""
+    from torch.utils.data import DataLoader
+
+    dataset = restoration(train_folder, num_workers=0, pairs_on="device").train_dataloader().dataset
+    samples = [dataset[i] for i in range(6)]
+    in_main, names = _pairs_and_threads(samples)
+    assert bool((in_main["levels"][:, 1] > 0).any())  # some image has noise: a field was drawn
+    assert any(name.startswith("cirlab-noise") for name in names), names
+    loader = DataLoader([dataset[i] for i in range(6)], batch_size=6, num_workers=1, collate_fn=_pairs_and_threads)
+    in_worker, names = next(iter(loader))
+    assert not any(name.startswith("cirlab-noise") for name in names), names
+    for key in in_main:
+        assert torch.equal(torch.as_tensor(in_main[key]), torch.as_tensor(in_worker[key])), key
