@@ -119,6 +119,9 @@ def test_out_of_range_values_fail_before_anything_is_built(override, key):
         (["trainer.max_steps=-1"], "trainer.max_steps=-1 with trainer.max_epochs=-1"),  # forever
         (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0"),
         (["seed=-3"], "seed=-3"),
+        (["data.pairs_on=gpu"], "data.pairs_on='gpu'"),  # was: caught only when the DataModule was built
+        (["data.degrade_margin=-2"], "data.degrade_margin=-2"),
+        (["data=hyperres_dejpeg", "model=hyperres_tiny", "data.pairs_on=Workers"], "data.pairs_on='Workers'"),
         (["callbacks.last_checkpoint.every_n_train_steps=0"], "callbacks.last_checkpoint.every_n_train_steps=0"),
         (["callbacks.task_grid_picture.crop=0"], "callbacks.task_grid_picture.crop=0"),
         (["callbacks.task_grid_picture.fractions=[0.5,2.0]"], "callbacks.task_grid_picture.fractions"),

@@ -101,6 +101,13 @@ def check_values(cfg: DictConfig) -> None:
         value = get(key)
         if value is not None and not (_is_int(value) and value >= 1):
             raise _bad(key, value, "must be an integer >= 1 (side of the centre crop in pixels), or null for whole images")
+    if get("data.pairs_on") is not None or get("data.degrade_margin") is not None:
+        from cirlab.data.loading import check_margin, check_pairs_on  # imports torch: only when there is data
+
+        if get("data.pairs_on") is not None:
+            check_pairs_on(get("data.pairs_on"), "data.pairs_on")
+        if get("data.degrade_margin") is not None:
+            check_margin(get("data.degrade_margin"), "data.degrade_margin")
     seed = get("seed")
     if seed is not None and not (_is_int(seed) and 0 <= seed < 2**32):
         raise _bad("seed", seed, "must be an integer in [0, 2^32)")
