@@ -297,6 +297,8 @@ def test_pair_codes_are_the_pairs_before_the_float_conversion(margin: bool) -> N
     assert pairs_from_codes(**packed, dtype=torch.float64)["input"].dtype == torch.float64
     with pytest.raises(ValueError, match="uint8"):
         pairs_from_codes(pairs["input"], packed["levels"])
+    with pytest.raises(TypeError, match="on_before_batch_transfer"):
+        pairs_from_codes(packed["codes"].numpy(), packed["levels"])
     with pytest.raises(ValueError, match=r"levels must have shape \(20, 3\)"):
         pairs_from_codes(packed["codes"], packed["levels"][:10])
 

@@ -547,6 +547,10 @@ def pairs_from_codes(codes: Tensor, levels: Tensor, dtype: torch.dtype = torch.f
     Returns:
         :func:`make_pairs`'s dict.
     """
+    for name, value in (("codes", codes), ("levels", levels)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__} (a batch from DataLoader "
+                            "workers holds numpy arrays: pass it through on_before_batch_transfer first)")
     if codes.dtype != torch.uint8 or codes.ndim != 4 or codes.shape[0] % 2:
         raise ValueError(f"codes must be a uint8 (2B, C, P, P) tensor, got {codes.dtype} {tuple(codes.shape)}")
     b = codes.shape[0] // 2
