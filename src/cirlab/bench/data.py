@@ -201,6 +201,7 @@ def bench_pipeline(device: str, batch_size: int = 16, patch: int = 64, seconds: 
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
     def step() -> None:  # the batch's way from the loader to the training step in Lightning
         batch = datamodule.on_before_batch_transfer(next(iterator), 0)
         datamodule.on_after_batch_transfer(move_data_to_device(batch, dev), 0)

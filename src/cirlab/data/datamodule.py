@@ -9,11 +9,12 @@ around its patch. :class:`RestorationPairMaker` turns a crop batch into pairs, e
 DataLoader workers' collate function or in ``on_after_batch_transfer`` on the batch's device
 (``data.pairs_on``; ``auto``: in the workers when training runs on the CPU with workers, on the
 device otherwise, :func:`~cirlab.data.loading.resolve_pairs_on`; workers send the pairs' uint8
-codes, made floats on the training device); both give the same pairs. The pair step degrades the whole crop and then cuts the patch out, so a
-training patch is blurred and JPEG-compressed as the same window of a whole degraded image is
-(blur reads the real neighbours, not replicate padding at the patch's edge; the JPEG block grid
-sits at a random phase to the patch); :meth:`RestorationDataModule.setup` decodes those
-images once per node into a file under ``<cache_dir>/decoded``
+codes, made floats on the training device); both give the same pairs. The pair step degrades the
+whole crop and then cuts the patch out, so a training patch is blurred and JPEG-compressed as the
+same window of a whole degraded image is (blur reads the real neighbours, not replicate padding
+at the patch's edge; the JPEG block grid sits at a random phase to the patch);
+:meth:`RestorationDataModule.setup` decodes those images once per node into a file under
+``<cache_dir>/decoded``
 (:class:`~cirlab.data.image_cache.DecodedImageCache`) that every DDP rank of the node and every
 later run memory-maps (without ``cache_dir``: into the process's shared memory), and keeps them
 for the DataModule's lifetime. The degradations are synthesised batched, on the batch's device
