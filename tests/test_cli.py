@@ -98,7 +98,10 @@ print("HEAVY:" + ",".join(heavy))
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--completion", "bash"], *([name, "--help"] for name in ARGPARSE_COMMANDS),
-                                  ["bench", "cost", "--help"], ["sweep", "summarize", "--help"]],
+                                  ["bench", "cost", "--help"], ["sweep", "summarize", "--help"],
+                                  # Hydra's help composes the config: the schemas of degradation/sampling load no torch
+                                  ["train", "--help"], ["pipeline", "--help"], ["eval", "--help"],
+                                  ["train", "--cfg", "job", "experiment=cresmd_small"]],
                          ids=lambda argv: " ".join(argv))
 def test_help_imports_neither_torch_nor_lightning(argv):
     done = run(sys.executable, "-c", PROBE.format(argv=argv))

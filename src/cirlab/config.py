@@ -1,7 +1,7 @@
 """Hydra set-up: where the config tree lives, typed schemas, and checks run right after composing.
 
 The ``degradation`` and ``sampling`` groups are typed by the dataclasses of
-``cirlab.data.sampling`` (registered here as ``<group>/schema``): a misspelt key fails when the
+``cirlab.data.pair_config`` (registered here as ``<group>/schema``): a misspelt key fails when the
 config is composed, and ``validate_config`` instantiates the dataclasses so an out-of-range
 value fails before anything is built, with the offending key in the message.
 :func:`check_values` adds the values that Hydra's types let through but that mean something
@@ -39,7 +39,7 @@ def register_configs() -> None:
     global _registered
     if _registered:
         return
-    from cirlab.data.sampling import DegradationConfig, SamplingConfig
+    from cirlab.data.pair_config import DegradationConfig, SamplingConfig
 
     store = ConfigStore.instance()
     store.store(group="degradation", name="schema", node=DegradationConfig)

@@ -23,22 +23,16 @@ import itertools
 import torch
 from torch import Tensor
 
-#: Names of the three degradation types, in the order they are applied and in which the
-#: columns of level tensors are stored.
-DEGRADATION_TYPES: tuple[str, str, str] = ("blur", "noise", "jpeg")
-#: Largest blur radius (Gaussian sigma, pixels); task level 1.
-BLUR_RADIUS_MAX: float = 4.0
-#: Largest noise standard deviation on the 0..255 scale; task level 1.
-NOISE_SIGMA_MAX: float = 50.0
-#: Lowest JPEG quality (strongest compression); task level 1.
-JPEG_QUALITY_MIN: int = 10
-#: Highest JPEG quality (weakest compression); task level 2/92.
-JPEG_QUALITY_MAX: int = 100
-#: ``t_jpeg = (JPEG_TASK_OFFSET - q) / JPEG_TASK_SCALE`` (CResMD).
-JPEG_TASK_OFFSET: int = 102
-JPEG_TASK_SCALE: int = 92
-#: Physical JPEG "quality" that means "no JPEG" (task level 0).
-NO_JPEG: int = 0
+from cirlab.task_ranges import (  # re-exported: the ranges live without torch
+    BLUR_RADIUS_MAX,
+    DEGRADATION_TYPES,
+    JPEG_QUALITY_MAX,
+    JPEG_QUALITY_MIN,
+    JPEG_TASK_OFFSET,
+    JPEG_TASK_SCALE,
+    NO_JPEG,
+    NOISE_SIGMA_MAX,
+)
 
 # Tolerance for range checks on float levels (absorbs float round-off of grid arithmetic).
 _EPS = 1e-5
