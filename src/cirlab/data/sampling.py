@@ -339,7 +339,7 @@ def make_pair_codes(
     """:func:`make_pairs` before the conversion to floats: the pairs' uint8 codes and their levels.
 
     The compact form of a pair batch (a quarter of the float bytes, two tensors instead of seven):
-    what DataLoader workers send to the main process and what crosses to an accelerator;
+    what DataLoader workers send to the main process, and on to the training device;
     :func:`pairs_from_codes` turns it into :func:`make_pairs`'s dict on whatever device it lives.
     Arguments as for :func:`make_pairs`, same draws from ``generator``.
 
