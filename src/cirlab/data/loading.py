@@ -328,9 +328,9 @@ def resolve_pairs_on(pairs_on: str, num_workers: int, device_type: str = "cpu") 
 
     [choice] On the CPU, ``device`` makes the pairs in the main process between training steps,
     on about one core (TorchCodec's JPEG encoder holds the GIL, so threads do not help); worker
-    processes make them on the other cores, overlapped with the step (each batch then costs more
-    CPU: collating into shared memory and handing the pairs over; on 2 cores that roughly cancels
-    the second core, see docs/method.md). On a GPU the batched degradations run much faster on
+    processes make them on the other cores, overlapped with the step (they send uint8 codes, see
+    :class:`PairCollate`; on 2 cores two workers make pairs 1.1-1.5x as fast as the main process,
+    docs/method.md). On a GPU the batched degradations run much faster on
     the device, and the uint8 margin crops are a third of the bytes of the float pairs, so
     ``auto`` keeps them there. ``workers`` with a GPU trainer is allowed (the pairs are then made
     on the CPU, with the same libjpeg codec the evaluation sets use).
@@ -366,7 +366,10 @@ def collate_crops(samples: list[dict]) -> dict:
     Python int, read here on the CPU. The pair step seeds its generator from it
     (:func:`first_sample_id`), so making pairs on a GPU never copies the ``id`` tensor back to the
     host (that read would wait for every queued kernel)."""
-    batch = default_collate(samples)
+    return _with_first_id(default_collate(samples))
+
+
+def _with_first_id(batch: dict) -> dict:
     batch["first_id"] = int(batch["id"][0])
     return batch
 
@@ -381,9 +384,7 @@ def first_sample_id(batch: dict) -> int:
 def stack_crops(samples: list[dict]) -> dict:
     """:func:`collate_crops` for a batch that stays in this process: plain ``torch.stack`` (in a
     worker ``default_collate`` allocates the batch in shared memory, for sending it)."""
-    batch = {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
-    batch["first_id"] = int(batch["id"][0])
-    return batch
+    return _with_first_id({key: torch.stack([sample[key] for sample in samples]) for key in samples[0]})
 
 
 #: Tensors of at most this many bytes leave a worker as numpy arrays (see :class:`PairCollate`).
